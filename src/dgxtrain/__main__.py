@@ -1,0 +1,60 @@
+"""`python -m dgxtrain [overrides]`, under torchrun or srun too: the Hydra entry point."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from dgxtrain import config, dist
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+EXIT_CONFIG_ERROR = 2
+EXIT_NON_FINITE = 3
+
+config.register_configs()
+config.register_resolvers()
+
+
+@contextlib.contextmanager
+def _exit_codes() -> Iterator[None]:
+    """A bad setting becomes one line, printed by rank 0 only, and a distinct exit code."""
+    try:
+        yield
+    except FloatingPointError as e:
+        logging.getLogger("dgxtrain").error("%s", e)
+        sys.exit(EXIT_NON_FINITE)
+    except Exception as e:
+        line = config.describe_error(e) or (str(e) if isinstance(e, dist.DistEnvError) else None)
+        if line is None:
+            raise
+        if dist.env_rank() == 0:
+            sys.stderr.write(f"dgxtrain: config error: {line}\n")
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> float:
+    from dgxtrain.train import train
+
+    # Handled here, not in main(): Hydra would first print its own line about the job.
+    with _exit_codes():
+        return train(cfg)["eval_loss"]  # the value a Hydra sweeper minimises
+
+
+def main() -> None:
+    # Composition errors (unknown key, wrong type, missing group option) must reach
+    # _exit_codes instead of Hydra's multi-line printer.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    with _exit_codes():
+        _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

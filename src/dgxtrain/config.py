@@ -1,0 +1,284 @@
+"""Typed config schemas, validation with fix-it messages, and the derived run values.
+
+Hydra composes `conf/`; the dataclasses below are the schema each group file extends, so
+a typo or a wrong type fails at composition. `validate()` then checks what types cannot
+(ranges, divisibility, the device) before any process group or GPU work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, OmegaConfBaseException,
+                              ValidationError)
+
+from dgxtrain import dist
+
+
+class ConfigError(ValueError):
+    """A bad setting: one line naming the key, the value and the fix."""
+
+    def __init__(self, key: str, value: Any, problem: str, fix: str):
+        super().__init__(f"{key}={value}: {problem}; fix: {fix}")
+        self.key = key
+
+
+# --- schemas ------------------------------------------------------------------------
+
+
+@dataclass
+class LinearModelConfig:
+    _target_: str = "dgxtrain.model.LinearRegressor"
+
+
+@dataclass
+class MLPModelConfig:
+    _target_: str = "dgxtrain.model.MLPRegressor"
+    hidden_dim: int = 256
+    """Width of every hidden layer."""
+    num_layers: int = 2
+    """Number of hidden layers (each Linear + GELU)."""
+
+
+@dataclass
+class SyntheticDataConfig:
+    _target_: str = "dgxtrain.data.SyntheticRegression"
+    dim: int = 32
+    """Input features per sample."""
+    noise_std: float = 0.1
+    """Standard deviation of the Gaussian label noise."""
+    num_samples: int = 1_000_000
+    """Training indices [0, num_samples); costs no memory, 1e9 is fine."""
+    eval_samples: int = 4096
+    """Held-out indices [num_samples, num_samples + eval_samples)."""
+    target: str = "nonlinear"
+    """Ground truth: linear (w.x + b) or nonlinear (linear + sum of sines)."""
+
+
+@dataclass
+class AdamWConfig:
+    _target_: str = "torch.optim.AdamW"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.05
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+    global_batch_size: int = 512
+    """Samples per optimizer step, summed over all ranks and micro-batches."""
+    micro_batch_size: int | None = None
+    """Samples per rank per forward; null = global_batch_size / world_size (no accumulation)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+    warmup_steps: int = 50
+    """Linear LR warm-up from 0, then cosine decay to min_lr_ratio * lr at max_steps."""
+    min_lr_ratio: float = 0.1
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast of the forward pass; weights and optimizer stay fp32)."""
+    compile: bool = False
+    """torch.compile the model; falls back to eager with a log line if compilation fails."""
+    log_every: int = 10
+    """Steps between metric lines; also the only steps that sync the host with the device."""
+    eval_every: int = 0
+    """Steps between evaluations; 0 = evaluate at the end only."""
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """Seeds the model init, the data and the sample order."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda."""
+    model: Any = MISSING
+    data: Any = MISSING
+    optim: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: Any = MISSING
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, name, node in [
+        ("model", "linear_schema", LinearModelConfig),
+        ("model", "mlp_schema", MLPModelConfig),
+        ("data", "synthetic_schema", SyntheticDataConfig),
+        ("optim", "adamw_schema", AdamWConfig),
+        ("optim", "sgd_schema", SGDConfig),
+        ("trainer", "trainer_schema", TrainerConfig),
+        ("logger", "logger_schema", LoggerConfig),
+    ]:
+        cs.store(group=group, name=name, node=node)
+
+
+def register_resolvers() -> None:
+    # The run dir must be the same on every rank: ${now:} is resolved per process, so the
+    # id comes from what the launcher shares (see dist.shared_run_id).
+    OmegaConf.register_new_resolver("dgx_run_id", dist.shared_run_id, replace=True)
+    # Only rank 0 writes Hydra's .hydra/ folder; N ranks writing the same files race.
+    OmegaConf.register_new_resolver(
+        "dgx_hydra_subdir", lambda: ".hydra" if dist.env_rank() == 0 else None, replace=True
+    )
+
+
+# --- validation ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Values derived once from the config and the world, logged at start."""
+
+    world_size: int
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+
+
+def _require(cfg: DictConfig, key: str, ok: bool, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(key, OmegaConf.select(cfg, key), problem, fix)
+
+
+def _check_target(cfg: DictConfig, group: str) -> None:
+    key = f"{group}._target_"
+    target = OmegaConf.select(cfg, key)
+    module, _, name = str(target).rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(key, target, f"cannot import it ({e})",
+                          "give the full dotted path of a class on PYTHONPATH") from e
+
+
+def validate(cfg: DictConfig, world_size: int, cuda_available: bool) -> RunSpec:
+    """Check what types cannot; raise ConfigError naming the key and the fix."""
+    _require(cfg, "device", cfg.device in ("auto", "cpu", "cuda"),
+             "unknown device", "use device=auto, device=cpu or device=cuda")
+    _require(cfg, "device", cfg.device != "cuda" or cuda_available,
+             "no CUDA GPU is visible (torch.cuda.is_available() is False)",
+             "use device=auto or device=cpu, or run on a GPU node")
+    for group in ("model", "data", "optim"):
+        _check_target(cfg, group)
+
+    t = cfg.trainer
+    for key in ("max_steps", "global_batch_size", "log_every", "eval_batch_size"):
+        _require(cfg, f"trainer.{key}", t[key] > 0, "must be positive",
+                 f"set trainer.{key} to an integer >= 1")
+    for key in ("warmup_steps", "eval_every", "grad_clip"):
+        _require(cfg, f"trainer.{key}", t[key] >= 0, "must not be negative",
+                 f"set trainer.{key} >= 0 (0 disables it)")
+    _require(cfg, "trainer.min_lr_ratio", 0.0 <= t.min_lr_ratio <= 1.0,
+             "must be in [0, 1]", "e.g. trainer.min_lr_ratio=0.1")
+    _require(cfg, "trainer.precision", t.precision in ("fp32", "bf16"),
+             "unknown precision", "use trainer.precision=fp32 or trainer.precision=bf16")
+
+    _require(cfg, "optim.lr", cfg.optim.get("lr", 1.0) > 0, "must be positive",
+             "set optim.lr to a positive number, e.g. optim.lr=1e-3")
+    _require(cfg, "optim.weight_decay", cfg.optim.get("weight_decay", 0.0) >= 0,
+             "must not be negative", "set optim.weight_decay >= 0")
+    for key in ("hidden_dim", "num_layers"):
+        _require(cfg, f"model.{key}", cfg.model.get(key, 1) > 0, "must be positive",
+                 f"set model.{key} to an integer >= 1")
+    for key in ("dim", "num_samples", "eval_samples"):
+        _require(cfg, f"data.{key}", cfg.data.get(key, 1) > 0, "must be positive",
+                 f"set data.{key} to an integer >= 1")
+    _require(cfg, "data.num_samples", cfg.data.get("num_samples", 1) <= 2**62,
+             "too large for the sample index space", "use data.num_samples <= 2**62")
+    _require(cfg, "data.noise_std", cfg.data.get("noise_std", 0.0) >= 0,
+             "must not be negative", "set data.noise_std >= 0")
+    _require(cfg, "data.target", cfg.data.get("target", "linear") in ("linear", "nonlinear"),
+             "unknown target", "use data.target=linear or data.target=nonlinear")
+
+    gbs = t.global_batch_size
+    _require(cfg, "trainer.global_batch_size", gbs % world_size == 0,
+             f"not divisible by world_size={world_size}",
+             f"use a multiple of {world_size}, e.g. {world_size * max(1, gbs // world_size)}")
+    micro = t.micro_batch_size if t.micro_batch_size is not None else gbs // world_size
+    _require(cfg, "trainer.micro_batch_size", micro > 0, "must be positive",
+             "set trainer.micro_batch_size >= 1, or null for global_batch_size / world_size")
+    per_step = micro * world_size
+    _require(cfg, "trainer.global_batch_size", gbs % per_step == 0,
+             f"not divisible by trainer.micro_batch_size * world_size = {micro} * {world_size}"
+             f" = {per_step}",
+             f"use a multiple of {per_step} (e.g. {per_step * max(1, gbs // per_step)}),"
+             " or change trainer.micro_batch_size")
+    return RunSpec(world_size, gbs, micro, gbs // per_step)
+
+
+# --- one-line messages for Hydra / OmegaConf errors ---------------------------------
+
+
+def _valid_keys(ex: OmegaConfBaseException) -> list[str]:
+    node = getattr(ex, "parent_node", None)
+    if isinstance(node, DictConfig):
+        return [str(k) for k in node.keys() if k != "hydra"]
+    obj = getattr(ex, "object_type", None)
+    if obj is not None and dataclasses.is_dataclass(obj):
+        return [f.name for f in dataclasses.fields(obj)]
+    return []
+
+
+def _omegaconf_line(ex: OmegaConfBaseException) -> str:
+    key = ex.full_key or str(ex.key)
+    if isinstance(ex, (ConfigKeyError, ConfigAttributeError)):
+        valid = _valid_keys(ex)
+        guess = difflib.get_close_matches(str(ex.key), valid, n=1)
+        prefix = key.rpartition(".")[0]
+        name = lambda k: f"{prefix}.{k}" if prefix else k  # noqa: E731
+        fix = (f"did you mean {name(guess[0])}?" if guess
+               else f"use one of {', '.join(name(k) for k in valid)}" if valid
+               else "check the spelling against the README's config reference")
+        return f"{key}: unknown key; fix: {fix}"
+    if isinstance(ex, ValidationError):
+        problem = str(ex.msg).splitlines()[0]
+        return f"{key}={ex.value!r}: wrong type ({problem}); fix: give a value of the schema's type"
+    return f"{key}: {str(ex.msg).splitlines()[0]}"
+
+
+def describe_error(ex: BaseException) -> str | None:
+    """One line for a bad config or override, or None if `ex` is not a config error."""
+    seen: list[BaseException] = []
+    while ex is not None and ex not in seen:
+        seen.append(ex)
+        if isinstance(ex, ConfigError):
+            return str(ex)
+        if isinstance(ex, MissingConfigException) and ex.missing_cfg_file:
+            group, _, choice = ex.missing_cfg_file.rpartition("/")
+            options = ", ".join(o for o in (ex.options or []) if not o.endswith("_schema"))
+            fix = f"choose one of {options}" if options else "check conf/ for the options"
+            if group == "model":
+                fix += ", or set model._target_ to your own nn.Module class"
+            return f"{group or 'config'}={choice}: no such config file; fix: {fix}"
+        if isinstance(ex, OmegaConfBaseException) and getattr(ex, "full_key", None):
+            return _omegaconf_line(ex)
+        ex = ex.__cause__ or ex.__context__
+    first = seen[0]
+    if isinstance(first, (HydraException, OmegaConfBaseException)):
+        lines = [ln.strip() for ln in str(first).splitlines() if ln.strip()]
+        return "; ".join(lines[:2]) if lines else type(first).__name__
+    return None

@@ -1,0 +1,175 @@
+"""Distributed state: who am I, on which device, and the few collectives the loop needs.
+
+Every rank question goes through `DistEnv`; nothing else reads RANK or SLURM_* from the
+environment. Three launchers are understood, in this order:
+  torchrun  RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+  srun      SLURM_STEP_ID, SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST
+  none      a single process
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+log = logging.getLogger(__name__)
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")
+
+
+class DistEnvError(RuntimeError):
+    """The launcher's environment is inconsistent; the message says what to set."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str  # torchrun | slurm | single
+    device: torch.device
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def backend(self) -> str:
+        # NCCL moves GPU tensors over NVLink/InfiniBand; gloo is the CPU equivalent.
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    @classmethod
+    def from_env(cls, device: str = "auto") -> DistEnv:
+        launcher, rank, local_rank, world, addr, port = _read_launcher()
+        return cls(rank, local_rank, world, launcher, _pick_device(device, local_rank),
+                   addr, port)
+
+
+def _missing(names: tuple[str, ...]) -> list[str]:
+    return [n for n in names if not os.environ.get(n)]
+
+
+def _read_launcher() -> tuple[str, int, int, int, str, int]:
+    env = os.environ
+    missing = _missing(TORCHRUN_VARS)
+    if len(missing) < len(TORCHRUN_VARS):
+        if missing:
+            raise DistEnvError(
+                f"half-set torchrun environment: {', '.join(missing)} unset while "
+                f"{', '.join(sorted(set(TORCHRUN_VARS) - set(missing)))} set; fix: launch "
+                "with torchrun, or unset these variables for a single process")
+        return ("torchrun", int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]),
+                env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+    # SLURM_STEP_ID is set by srun only: the batch script itself also carries SLURM_PROCID
+    # and SLURM_NTASKS, but there it is one process, not the first of many.
+    if env.get("SLURM_STEP_ID"):
+        missing = _missing(SLURM_VARS)
+        if missing:
+            raise DistEnvError(f"srun step without {', '.join(missing)}; fix: launch with "
+                               "srun --ntasks-per-node=<GPUs>, or use torchrun")
+        world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+        nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        # The port is derived from the job id so that two jobs on one node do not collide.
+        port = int(env.get("MASTER_PORT") or 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return ("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), world,
+                env.get("MASTER_ADDR") or first_host(nodes), port)
+    return ("single", 0, 0, 1, "127.0.0.1", 0)
+
+
+def world_size_from_env() -> int:
+    """The number of ranks the launcher started (1 without one); checks the environment."""
+    return _read_launcher()[3]
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM hostlist: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise DistEnvError(f"cannot parse SLURM nodelist {nodelist!r}; fix: set MASTER_ADDR")
+    prefix, ranges = m.groups()
+    return prefix + (re.split(r"[-,]", ranges)[0] if ranges else "")
+
+
+def _pick_device(pref: str, local_rank: int) -> torch.device:
+    if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DistEnvError(f"local rank {local_rank} has no GPU ({count} visible); fix: start "
+                           f"at most {count} processes per node, or use device=cpu")
+    return torch.device("cuda", local_rank)
+
+
+def env_rank() -> int:
+    """This process's global rank as the launcher set it (0 for a single process)."""
+    return int(os.environ.get("RANK") or
+               (os.environ.get("SLURM_STEP_ID") and os.environ.get("SLURM_PROCID")) or 0)
+
+
+@functools.cache
+def shared_run_id() -> str:
+    """A run name every rank of one job agrees on (the default run dir's last part)."""
+    env = os.environ
+    if env.get("DGXTRAIN_RUN_ID"):
+        return env["DGXTRAIN_RUN_ID"]
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if env.get("SLURM_JOB_ID"):  # stable across requeues, the same on every node
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":  # torchrun --standalone / --rdzv-id
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+    if world_size_from_env() > 1:
+        raise DistEnvError("ranks cannot agree on a run dir (no shared run id); fix: export "
+                           "DGXTRAIN_RUN_ID=<name> for every rank, pass torchrun --rdzv-id, "
+                           "or set hydra.run.dir=<path>")
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, timeout_s: float = 600) -> Iterator[None]:
+    """Join the process group for the duration of the block; teardown always runs."""
+    if env.world_size == 1:
+        yield
+        return
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    tdist.init_process_group(
+        env.backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank, world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        # Binding the group to this rank's GPU lets NCCL connect eagerly and never guess.
+        device_id=env.device if env.device.type == "cuda" else None)
+    log.info("joined %s process group: rank %d of %d via %s:%d", env.backend, env.rank,
+             env.world_size, env.master_addr, env.master_port)
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+
+
+def all_reduce_(t: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """In-place sum (or mean) over ranks; a no-op in a single process."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.all_reduce(t)
+        if mean:
+            t /= tdist.get_world_size()
+    return t
+
+
+def all_agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank iff `flag` is true on every rank."""
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    return all_reduce_(t).item() == 0.0

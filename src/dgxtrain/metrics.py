@@ -1,0 +1,56 @@
+"""Step timing and throughput, FLOP counts, parameter fingerprints."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+log = logging.getLogger(__name__)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_sample(model: torch.nn.Module, in_dim: int) -> float | None:
+    """Forward + backward FLOPs of one sample, counted on a meta-device copy (no compute)."""
+    try:
+        meta = copy.deepcopy(model).to("meta")
+        with FlopCounterMode(display=False) as counter:
+            meta(torch.empty(8, in_dim, device="meta")).float().sum().backward()
+        return counter.get_total_flops() / 8
+    except Exception as e:  # a user model the counter cannot trace: report n/a, never fail
+        log.debug("FLOP count unavailable: %s", e)
+        return None
+
+
+def param_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of the parameters as contiguous fp32 bytes, in state_dict order."""
+    h = hashlib.sha256()
+    for t in model.state_dict().values():
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class StepMeter:
+    """Wall time between log steps. Read it only after a host sync (the loss .item())."""
+
+    def __init__(self, samples_per_step: int, step: int = 0):
+        self.samples_per_step = samples_per_step
+        self._step, self._t = step, time.perf_counter()
+        self.start = self._t
+
+    def tick(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps, dt = step - self._step, now - self._t
+        self._step, self._t = step, now
+        return {"step_time_s": dt / max(steps, 1),
+                "samples_per_s": steps * self.samples_per_step / dt if dt > 0 else 0.0}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
