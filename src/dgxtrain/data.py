@@ -77,9 +77,12 @@ class SyntheticRegression:
         self._ridges = v / v.norm(dim=0, keepdim=True)
 
     def f_true(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.true_weight + self.true_bias
+        # Row-wise products and sums, not matmuls: a matmul's reduction order depends on
+        # the batch shape, which would make a label depend on its batch-mates.
+        y = (x * self.true_weight).sum(-1) + self.true_bias
         if self.target == "nonlinear":
-            y = y + torch.sin(x @ self._ridges).sum(-1) / 2.0
+            proj = (x[:, None, :] * self._ridges.T).sum(-1)
+            y = y + torch.sin(proj).sum(-1) / 2.0
         return y
 
     def sample(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Where metrics go. Rank 0 gets a real tracker; every other rank gets NullTracker.
 
-LocalTracker always writes the run dir's files (config.yaml, metrics.jsonl, summary.json)
-and the console progress line; experiment trackers (W&B) plug in beside it.
+LocalTracker always writes the run dir's files (config.yaml, metrics.jsonl, summary.json,
+model.pt) and the console progress line; experiment trackers (W&B) plug in beside it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dgxtrain import logs
@@ -27,6 +28,9 @@ class NullTracker:
         pass
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def save_model(self, model: torch.nn.Module) -> None:
         pass
 
     def finish(self, summary: dict[str, Any]) -> None:
@@ -71,6 +75,12 @@ class LocalTracker(NullTracker):
             f"step {step}/{self.max_steps} [{bar}] | loss {m['loss']:.4g} | lr {m['lr']:.2e}"
             f" | grad {m['grad_norm']:.3g} | {_fmt(m['samples_per_s'])} samples/s"
             f" | {m['step_time_s'] * 1e3:.1f} ms/step | eta {eta}")
+
+    def save_model(self, model: torch.nn.Module) -> None:
+        """The trained weights as a plain state_dict (loads with weights_only=True)."""
+        tmp = self.run_dir / "model.pt.tmp"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, self.run_dir / "model.pt")
 
     def finish(self, summary: dict[str, Any]) -> None:
         logs.console().close_line()

@@ -160,6 +160,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         state = TrainState()
         summary = run_loop(cfg, env, spec, state, wrapped, model, optimizer, scheduler,
                            dataset, schedule, autocast, tracker)
+        tracker.save_model(model)
         tracker.finish(summary)
     if state.stop_reason == "non_finite_loss":
         raise FloatingPointError(f"non-finite loss at step {state.step}; fix: lower optim.lr "

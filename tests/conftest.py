@@ -1,0 +1,76 @@
+"""Shared helpers: compose the real config, run the real CLI in real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from dgxtrain import config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+config.register_configs()
+config.register_resolvers()
+
+# Launcher variables of an outer job must not leak into the processes tests start.
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "DGXTRAIN_RUN_ID")
+
+
+def compose_cfg(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in _LAUNCH_VARS and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m dgxtrain` (nproc=1) or `torchrun --standalone` with nproc CPU ranks."""
+    launcher = ([sys.executable, "-m", "dgxtrain"] if nproc == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={nproc}", "-m", "dgxtrain"])
+    args = launcher + ["device=cpu", f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.run(args, cwd=ROOT, env=env or clean_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_ok(run_dir: Path, overrides: list[str], nproc: int = 1) -> dict:
+    p = run_cli(run_dir, overrides, nproc)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in _LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(k, raising=False)

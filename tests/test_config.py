@@ -1,0 +1,84 @@
+"""Every experiment composes and validates; every bad input is one line and exit 2,
+before any process group could start."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from dgxtrain.config import ConfigError, validate
+from tests.conftest import CONF, clean_env, compose_cfg, free_port, run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_there_are_experiments():
+    assert {"smoke", "dgx_8gpu"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(name):
+    cfg = compose_cfg([f"experiment={name}"])
+    world = 8 if name.startswith("dgx") else 2
+    spec = validate(cfg, world_size=world, cuda_available=True)
+    assert spec.global_batch_size == spec.micro_batch_size * world * spec.grad_accum_steps
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def test_grad_accum_is_derived():
+    cfg = compose_cfg(["trainer.global_batch_size=64", "trainer.micro_batch_size=8"])
+    assert validate(cfg, 2, False).grad_accum_steps == 4
+    cfg = compose_cfg(["trainer.global_batch_size=64"])  # micro null: global / world
+    spec = validate(cfg, 4, False)
+    assert (spec.micro_batch_size, spec.grad_accum_steps) == (16, 1)
+
+
+def test_validation_names_key_and_fix():
+    cfg = compose_cfg(["trainer.global_batch_size=30", "trainer.micro_batch_size=4"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=2, cuda_available=False)
+    assert e.value.key == "trainer.global_batch_size"
+    assert "micro_batch_size * world_size = 4 * 2 = 8" in str(e.value)
+    assert "fix: use a multiple of 8" in str(e.value)
+
+
+BAD = [
+    # (overrides, key the message must name, fix it must suggest)
+    (["trainer.max_step=10"], "trainer.max_step", "trainer.max_steps"),
+    (["trainer.max_steps=ten"], "trainer.max_steps", "fix:"),
+    (["trainer.compile=maybe"], "trainer.compile", "fix:"),
+    (["trainer.global_batch_size=48", "trainer.micro_batch_size=16"],
+     "trainer.global_batch_size", "multiple of 32"),
+    (["trainer.global_batch_size=33"], "trainer.global_batch_size", "multiple of 2"),
+    (["optim.lr=0"], "optim.lr", "positive"),
+    (["optim=sgd", "optim.lr=-0.1"], "optim.lr", "positive"),
+    (["trainer.max_steps=-5"], "trainer.max_steps", ">= 1"),
+    (["trainer.global_batch_size=0"], "trainer.global_batch_size", ">= 1"),
+    (["trainer.micro_batch_size=0"], "trainer.micro_batch_size", ">= 1"),
+    (["device=cuda"], "device=cuda", "device=cpu"),
+    (["trainer.precision=fp16"], "trainer.precision=fp16", "trainer.precision=bf16"),
+    (["model=transformer"], "model=transformer", "linear, mlp"),
+    (["model._target_=nowhere.Net"], "model._target_=nowhere.Net", "dotted path"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,fix", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_input_fails_fast_with_one_line(tmp_path, overrides, key, fix):
+    # Rank 0 of a 2-rank job whose rank 1 never comes: joining the process group would
+    # hang until the timeout, so a prompt exit proves the error came before it.
+    env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(free_port()), DGXTRAIN_RUN_ID="bad")
+    args = [o for o in overrides if not o.startswith("device=")]
+    if "device=cuda" in overrides:
+        args.append("device=cuda")
+    p = run_cli(tmp_path / "run", args, env=env, timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("dgxtrain: config error: ") and "Traceback" not in p.stderr
+    assert key in lines[0] and "fix:" in lines[0] and fix in lines[0], lines[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_config_error_under_torchrun_is_printed_once(tmp_path):
+    p = run_cli(tmp_path / "run", ["trainer.global_batch_size=33"], nproc=2, timeout=120)
+    assert p.returncode != 0
+    assert (p.stdout + p.stderr).count("dgxtrain: config error: trainer.global_batch_size=33") == 1

@@ -1,0 +1,49 @@
+"""The README's commands, run as a user would: from a fresh copy of the repository."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, clean_env
+
+README = (ROOT / "README.md").read_text()
+
+
+def _fresh_copy(dst: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    return dst
+
+
+def test_readme_names_the_two_commands():
+    assert re.search(r"^scripts/train\.sh$", README, re.M)
+    assert re.search(r"^scripts/test\.sh$", README, re.M)
+
+
+@pytest.mark.multiprocess
+def test_readme_train_command_from_a_fresh_copy(tmp_path):
+    repo = _fresh_copy(tmp_path / "dgxtrain")
+    assert not (repo / ".venv").exists()
+    env = clean_env()
+    env.pop("PYTHONPATH")
+    env.pop("OMP_NUM_THREADS")
+    # Set up with the interpreter that set up this checkout (its pip sees the same indexes).
+    env["PYTHON"] = os.environ.get("DGXTRAIN_BASE_PYTHON", "python3")
+    p = subprocess.run(["scripts/train.sh"], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summaries = list((repo / "outputs").glob("*/summary.json"))
+    assert len(summaries) == 1
+    s = json.loads(summaries[0].read_text())
+    assert s["world_size"] == 2 and s["r2"] > 0.9
+    # It ran the copy's code, not this checkout's.
+    assert str(repo) in (summaries[0].parent / "train.log").read_text()
