@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --dev
-exec .venv/bin/python -m pytest "$@"
+exec "${DGXTRAIN_VENV:-.venv}/bin/python" -m pytest "$@"

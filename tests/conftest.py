@@ -33,7 +33,8 @@ def compose_cfg(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in _LAUNCH_VARS and not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=path, **extra)
     return env
 
 

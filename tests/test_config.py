@@ -57,6 +57,9 @@ BAD = [
     (["trainer.precision=fp16"], "trainer.precision=fp16", "trainer.precision=bf16"),
     (["model=transformer"], "model=transformer", "linear, mlp"),
     (["model._target_=nowhere.Net"], "model._target_=nowhere.Net", "dotted path"),
+    (["optim._target_=torch.optim.RMSprop"], "optim._target_=torch.optim.RMSprop",
+     "optim.* keys"),
+    (["logger.backend=tensorboard"], "logger.backend=tensorboard", "logger=none"),
 ]
 
 

@@ -28,10 +28,11 @@ def _exit_codes() -> Iterator[None]:
     try:
         yield
     except FloatingPointError as e:
-        logging.getLogger("dgxtrain").error("%s", e)
+        if dist.env_rank() == 0:
+            logging.getLogger("dgxtrain").error("%s", e)
         sys.exit(EXIT_NON_FINITE)
     except Exception as e:
-        line = config.describe_error(e) or (str(e) if isinstance(e, dist.DistEnvError) else None)
+        line = config.describe_error(e)
         if line is None:
             raise
         if dist.env_rank() == 0:

@@ -211,6 +211,8 @@ def validate(cfg: DictConfig, world_size: int, cuda_available: bool) -> RunSpec:
              "too large for the sample index space", "use data.num_samples <= 2**62")
     _require(cfg, "data.noise_std", cfg.data.get("noise_std", 0.0) >= 0,
              "must not be negative", "set data.noise_std >= 0")
+    _require(cfg, "logger.backend", cfg.logger.get("backend") == "none",
+             "unknown logger backend", "use logger=none")
     _require(cfg, "data.target", cfg.data.get("target", "linear") in ("linear", "nonlinear"),
              "unknown target", "use data.target=linear or data.target=nonlinear")
 
@@ -265,8 +267,11 @@ def describe_error(ex: BaseException) -> str | None:
     seen: list[BaseException] = []
     while ex is not None and ex not in seen:
         seen.append(ex)
-        if isinstance(ex, ConfigError):
+        ex = ex.__cause__ or ex.__context__
+    for ex in seen:  # our own messages first, wherever Hydra wrapped them
+        if isinstance(ex, (ConfigError, dist.DistEnvError)):
             return str(ex)
+    for ex in seen:
         if isinstance(ex, MissingConfigException) and ex.missing_cfg_file:
             group, _, choice = ex.missing_cfg_file.rpartition("/")
             options = ", ".join(o for o in (ex.options or []) if not o.endswith("_schema"))
@@ -276,7 +281,6 @@ def describe_error(ex: BaseException) -> str | None:
             return f"{group or 'config'}={choice}: no such config file; fix: {fix}"
         if isinstance(ex, OmegaConfBaseException) and getattr(ex, "full_key", None):
             return _omegaconf_line(ex)
-        ex = ex.__cause__ or ex.__context__
     first = seen[0]
     if isinstance(first, (HydraException, OmegaConfBaseException)):
         lines = [ln.strip() for ln in str(first).splitlines() if ln.strip()]

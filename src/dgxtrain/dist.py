@@ -54,8 +54,8 @@ class DistEnv:
     @classmethod
     def from_env(cls, device: str = "auto") -> DistEnv:
         launcher, rank, local_rank, world, addr, port = _read_launcher()
-        return cls(rank, local_rank, world, launcher, _pick_device(device, local_rank),
-                   addr, port)
+        return cls(rank, local_rank, world, launcher,
+                   _pick_device(device, local_rank, launcher), addr, port)
 
 
 def _missing(names: tuple[str, ...]) -> list[str]:
@@ -103,10 +103,13 @@ def first_host(nodelist: str) -> str:
     return prefix + (re.split(r"[-,]", ranges)[0] if ranges else "")
 
 
-def _pick_device(pref: str, local_rank: int) -> torch.device:
+def _pick_device(pref: str, local_rank: int, launcher: str) -> torch.device:
     if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     count = torch.cuda.device_count()
+    if count == 1 and launcher == "slurm":
+        # srun --gpus-per-task=1 (or --gpu-bind=single) shows each task only its own GPU.
+        return torch.device("cuda", 0)
     if local_rank >= count:
         raise DistEnvError(f"local rank {local_rank} has no GPU ({count} visible); fix: start "
                            f"at most {count} processes per node, or use device=cpu")
@@ -140,12 +143,14 @@ def shared_run_id() -> str:
 
 @contextlib.contextmanager
 def process_group(env: DistEnv, timeout_s: float = 600) -> Iterator[None]:
-    """Join the process group for the duration of the block; teardown always runs."""
-    if env.world_size == 1:
+    """Join the process group for the duration of the block; teardown always runs.
+
+    Any launched job joins one, even of one rank: `torchrun --nproc_per_node=1` takes the
+    same NCCL/DDP path as eight ranks. Only a plain `python -m dgxtrain` runs without.
+    """
+    if env.launcher == "single":
         yield
         return
-    if env.device.type == "cuda":
-        torch.cuda.set_device(env.device)
     tdist.init_process_group(
         env.backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.rank, world_size=env.world_size,

@@ -6,22 +6,16 @@ import logging
 import sys
 from pathlib import Path
 
+PROGRESS = "dgxtrain.progress"
+
 
 class ConsoleHandler(logging.StreamHandler):
-    """stderr handler that can also draw a self-overwriting progress line on a TTY."""
+    """stderr; on a TTY the progress records overwrite each other in one line."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
         self.tty = sys.stderr.isatty()
         self._line_open = False
-
-    def progress(self, line: str) -> None:
-        if self.tty:
-            self.stream.write("\r\033[K" + line)
-            self.stream.flush()
-            self._line_open = True
-        else:
-            logging.getLogger("dgxtrain.progress").info(line)
 
     def close_line(self) -> None:
         if self._line_open:
@@ -29,16 +23,20 @@ class ConsoleHandler(logging.StreamHandler):
             self._line_open = False
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.tty and record.name == PROGRESS:
+            self.stream.write("\r\033[K" + record.getMessage())
+            self.stream.flush()
+            self._line_open = True
+            return
         self.close_line()
         super().emit(record)
 
 
-_console: ConsoleHandler | None = None
+def setup_logging(rank: int, run_dir: Path | None = None) -> None:
+    """(Re)configure the `dgxtrain` loggers for this rank; idempotent across Hydra jobs.
 
-
-def setup_logging(rank: int, run_dir: Path | None = None) -> ConsoleHandler:
-    """(Re)configure the `dgxtrain` loggers for this rank; idempotent across Hydra jobs."""
-    global _console
+    Every rank appends to run_dir/train.log, so a warning from rank 5 is there too.
+    """
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
     logger = logging.getLogger("dgxtrain")
@@ -47,16 +45,17 @@ def setup_logging(rank: int, run_dir: Path | None = None) -> ConsoleHandler:
         h.close()
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
-    _console = ConsoleHandler()
-    handlers: list[logging.Handler] = [_console]
+    handlers: list[logging.Handler] = [ConsoleHandler()]
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log"))
     for h in handlers:
         h.setFormatter(fmt)
         logger.addHandler(h)
-    return _console
 
 
-def console() -> ConsoleHandler:
-    return _console or setup_logging(0)
+def end_progress() -> None:
+    """Finish an open progress line so that what follows starts on a line of its own."""
+    for h in logging.getLogger("dgxtrain").handlers:
+        if isinstance(h, ConsoleHandler):
+            h.close_line()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -37,10 +38,16 @@ class NullTracker:
         pass
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def _finite(obj: dict[str, Any]) -> dict[str, Any]:
+    """NaN and inf are not JSON: they become null (strict parsers reject the file otherwise)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in obj.items()}
+
+
+def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     """Readers see the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -60,7 +67,8 @@ class LocalTracker(NullTracker):
         write_json_atomic(self.run_dir / "derived.json", derived)
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._metrics.write(json.dumps(_finite({"step": step, **metrics}), allow_nan=False)
+                            + "\n")
         if "loss" in metrics:
             self._progress(step, metrics)
         else:
@@ -71,7 +79,7 @@ class LocalTracker(NullTracker):
         frac = step / self.max_steps
         eta = timedelta(seconds=round(m["step_time_s"] * (self.max_steps - step)))
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        logs.console().progress(
+        logging.getLogger(logs.PROGRESS).info(
             f"step {step}/{self.max_steps} [{bar}] | loss {m['loss']:.4g} | lr {m['lr']:.2e}"
             f" | grad {m['grad_norm']:.3g} | {_fmt(m['samples_per_s'])} samples/s"
             f" | {m['step_time_s'] * 1e3:.1f} ms/step | eta {eta}")
@@ -83,7 +91,7 @@ class LocalTracker(NullTracker):
         os.replace(tmp, self.run_dir / "model.pt")
 
     def finish(self, summary: dict[str, Any]) -> None:
-        logs.console().close_line()
+        logs.end_progress()
         self._metrics.close()
         write_json_atomic(self.run_dir / "summary.json", summary)
         log.info("summary: %s", json.dumps(summary, sort_keys=True))

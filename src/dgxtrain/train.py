@@ -8,22 +8,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import logging
 import math
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dgxtrain import logs
-from dgxtrain.config import RunSpec, validate
+from dgxtrain.config import ConfigError, RunSpec, validate
 from dgxtrain.data import GlobalBatchSchedule
 from dgxtrain.dist import DistEnv, all_agree, all_reduce_, process_group, world_size_from_env
 from dgxtrain.evaluate import evaluate
@@ -111,12 +113,73 @@ def compile_or_eager(model: torch.nn.Module, example: torch.Tensor, autocast: Ca
     return model
 
 
-def _derived(spec: RunSpec, env: DistEnv, model: torch.nn.Module, dim: int) -> dict[str, Any]:
-    per_sample = flops_per_sample(model, dim)
+@dataclass
+class Job:
+    """What a run is made of, built once before the loop."""
+
+    cfg: DictConfig
+    env: DistEnv
+    spec: RunSpec
+    dataset: Any
+    model: torch.nn.Module  # unwrapped: evaluation, state_dict, parameter hash
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: GlobalBatchSchedule
+    autocast: Callable
+    wrapped: torch.nn.Module | None = None  # DDP and/or compiled: the training forward
+
+
+@contextlib.contextmanager
+def _constructing(group: str, node: DictConfig) -> Iterator[None]:
+    """A class that rejects the config's arguments is a config error, named as one."""
+    try:
+        yield
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"{group}._target_", node.get("_target_"),
+                          f"its constructor failed ({type(cause).__name__}: "
+                          f"{str(cause).splitlines()[0] if str(cause) else ''})",
+                          f"make the {group}.* keys match that class's arguments") from e
+
+
+def build_job(cfg: DictConfig, env: DistEnv, spec: RunSpec) -> Job:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    with _constructing("data", cfg.data):
+        dataset = instantiate(cfg.data, seed=cfg.seed, device=env.device)
+    with _constructing("model", cfg.model):
+        model = instantiate(cfg.model, in_dim=dataset.dim).to(env.device)
+    with _constructing("optim", cfg.optim):
+        optimizer = build_optimizer(cfg.optim, model)
+    t = cfg.trainer
+    return Job(cfg, env, spec, dataset, model, optimizer,
+               build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio),
+               GlobalBatchSchedule(dataset.num_samples, cfg.seed, spec.global_batch_size,
+                                   env.rank, env.world_size, spec.micro_batch_size, env.device),
+               make_autocast(env.device, t.precision))
+
+
+def distribute(job: Job) -> torch.nn.Module:
+    """DDP when launched (even at one rank: one code path), then torch.compile if asked."""
+    env, wrapped = job.env, job.model
+    if env.launcher != "single":
+        # DDP broadcasts rank 0's weights at construction and buckets gradients so that
+        # their all-reduce overlaps the rest of the backward pass.
+        wrapped = DDP(wrapped, device_ids=[env.device.index] if env.device.type == "cuda"
+                      else None)
+    if job.cfg.trainer.compile:
+        example = job.dataset.sample(job.schedule(0)[0])[0]
+        wrapped = compile_or_eager(wrapped, example, job.autocast, env.device)
+    return wrapped
+
+
+def describe(job: Job) -> dict[str, Any]:
+    """The derived values logged at start (and stored as derived.json)."""
+    env, model = job.env, job.model
+    per_sample = flops_per_sample(model, job.dataset.dim)
     return {
-        **dataclasses.asdict(spec), "device": str(env.device), "backend": env.backend,
+        **dataclasses.asdict(job.spec), "device": str(env.device), "backend": env.backend,
         "launcher": env.launcher, "parameters": count_parameters(model),
-        "flops_per_step": per_sample * spec.global_batch_size if per_sample else None,
+        "flops_per_step": per_sample * job.spec.global_batch_size if per_sample else None,
         "torch": torch.__version__, "python": platform.python_version(),
         "device_name": (torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
                         else platform.processor() or platform.machine()),
@@ -132,53 +195,45 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         from hydra.core.hydra_config import HydraConfig
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     logs.setup_logging(env.rank, run_dir)
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)  # before any allocation: one CUDA context per GPU
+    job = build_job(cfg, env, spec)  # bad constructor arguments fail before the group starts
     with process_group(env):
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        dataset = instantiate(cfg.data, seed=cfg.seed, device=env.device)
-        model = instantiate(cfg.model, in_dim=dataset.dim).to(env.device)
-        optimizer = build_optimizer(cfg.optim, model)
-        t = cfg.trainer
-        scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-        schedule = GlobalBatchSchedule(dataset.num_samples, cfg.seed, spec.global_batch_size,
-                                       env.rank, env.world_size, spec.micro_batch_size,
-                                       env.device)
-        autocast = make_autocast(env.device, t.precision)
-        tracker = build_tracker(cfg, env.is_main, run_dir)
-        derived = _derived(spec, env, model, dataset.dim)
-        tracker.log_config(cfg, derived)
-        log.info("run dir %s", run_dir)
-        log.info("start: %s", " | ".join(f"{k} {v}" for k, v in derived.items()))
-
-        # DDP broadcasts rank 0's weights at construction and buckets gradients so that
-        # their all-reduce overlaps the rest of the backward pass.
-        wrapped = model if env.world_size == 1 else DDP(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        if t.compile:
-            example = dataset.sample(schedule(0)[0])[0]
-            wrapped = compile_or_eager(wrapped, example, autocast, env.device)
-
-        state = TrainState()
-        summary = run_loop(cfg, env, spec, state, wrapped, model, optimizer, scheduler,
-                           dataset, schedule, autocast, tracker)
-        tracker.save_model(model)
-        tracker.finish(summary)
+        try:
+            job.wrapped = distribute(job)
+            tracker = build_tracker(cfg, env.is_main, run_dir)
+            derived = describe(job)
+            tracker.log_config(cfg, derived)
+            log.info("run dir %s", run_dir)
+            log.info("start: %s", " | ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in derived.items()))
+            state = TrainState()
+            summary = run_loop(job, state, tracker)
+            tracker.save_model(job.model)
+            tracker.finish(summary)
+        finally:
+            # DDP's reducer holds the process group. Freed later, its destructor would join
+            # gloo's threads with the GIL held and can deadlock; free it while the group lives.
+            job.wrapped = None
+            gc.collect()
     if state.stop_reason == "non_finite_loss":
         raise FloatingPointError(f"non-finite loss at step {state.step}; fix: lower optim.lr "
                                  "or set trainer.grad_clip")
     return summary
 
 
-def run_loop(cfg: DictConfig, env: DistEnv, spec: RunSpec, state: TrainState,
-             wrapped: torch.nn.Module, model: torch.nn.Module, optimizer, scheduler,
-             dataset: Any, schedule: GlobalBatchSchedule, autocast: Callable,
-             tracker: NullTracker) -> dict[str, Any]:
-    t = cfg.trainer
+def run_loop(job: Job, state: TrainState, tracker: NullTracker) -> dict[str, Any]:
+    """Step until done; log, evaluate and stop on schedule. Returns the summary."""
+    t, env, spec = job.cfg.trainer, job.env, job.spec
     meter = StepMeter(spec.global_batch_size, state.step)
     last: dict[str, float] = {}
+    evaluate_now = functools.partial(evaluate, job.model, job.dataset, env, t.eval_batch_size,
+                                     job.autocast)
     while state.step < t.max_steps and not state.stop_reason:
-        lr = optimizer.param_groups[0]["lr"]
-        loss, grad_norm = train_step(wrapped, optimizer, scheduler, dataset,
-                                     schedule(state.step), autocast, t.grad_clip)
+        lr = job.optimizer.param_groups[0]["lr"]
+        loss, grad_norm = train_step(job.wrapped, job.optimizer, job.scheduler, job.dataset,
+                                     job.schedule(state.step), job.autocast, t.grad_clip)
         state.step += 1
         state.samples_seen += spec.global_batch_size
         done = state.step == t.max_steps
@@ -191,17 +246,16 @@ def run_loop(cfg: DictConfig, env: DistEnv, spec: RunSpec, state: TrainState,
             if not math.isfinite(last["loss"]):
                 state.stop_reason = "non_finite_loss"
         if t.eval_every and state.step % t.eval_every == 0 and not done:
-            tracker.log_metrics(state.step,
-                                evaluate(model, dataset, env, t.eval_batch_size, autocast))
+            tracker.log_metrics(state.step, evaluate_now())
     state.stop_reason = state.stop_reason or "max_steps"
-    final_eval = evaluate(model, dataset, env, t.eval_batch_size, autocast)
+    train_time = meter.elapsed()
+    final_eval = evaluate_now()
     tracker.log_metrics(state.step, final_eval)
-    wall = meter.elapsed()
     return {
         "world_size": env.world_size, "global_batch_size": spec.global_batch_size,
         "micro_batch_size": spec.micro_batch_size, "grad_accum_steps": spec.grad_accum_steps,
         "steps": state.step, "samples_seen": state.samples_seen,
-        "stop_reason": state.stop_reason, "final_loss": last.get("loss"),
-        **final_eval, "samples_per_s": state.samples_seen / wall if wall > 0 else 0.0,
-        "param_sha256": param_sha256(model), "wall_time_s": wall,
+        "stop_reason": state.stop_reason, "final_loss": last.get("loss"), **final_eval,
+        "samples_per_s": state.samples_seen / train_time if train_time > 0 else 0.0,
+        "param_sha256": param_sha256(job.model), "wall_time_s": meter.elapsed(),
     }
