@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import time
@@ -17,16 +16,25 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_sample(model: torch.nn.Module, in_dim: int) -> float | None:
-    """Forward + backward FLOPs of one sample, counted on a meta-device copy (no compute)."""
+def flops_per_sample(model: torch.nn.Module, x: torch.Tensor) -> float | None:
+    """Forward + backward FLOPs per sample, counted on a small batch `x`.
+
+    Eval mode, so that batch-norm statistics do not move; the gradients are dropped after.
+    Call it before DDP wraps the model: DDP's hooks would count this backward as a step.
+    """
+    was_training = model.training
+    model.eval()
     try:
-        meta = copy.deepcopy(model).to("meta")
         with FlopCounterMode(display=False) as counter:
-            meta(torch.empty(8, in_dim, device="meta")).float().sum().backward()
-        return counter.get_total_flops() / 8
+            model(x).float().sum().backward()
+        return counter.get_total_flops() / x.shape[0]
     except Exception as e:  # a user model the counter cannot trace: report n/a, never fail
         log.debug("FLOP count unavailable: %s", e)
         return None
+    finally:
+        model.train(was_training)
+        for p in model.parameters():
+            p.grad = None
 
 
 def param_sha256(model: torch.nn.Module) -> str:

@@ -173,9 +173,10 @@ def distribute(job: Job) -> torch.nn.Module:
 
 
 def describe(job: Job) -> dict[str, Any]:
-    """The derived values logged at start (and stored as derived.json)."""
+    """The derived values logged at start (and stored as derived.json). Before distribute()."""
     env, model = job.env, job.model
-    per_sample = flops_per_sample(model, job.dataset.dim)
+    probe = job.dataset.sample(job.dataset.eval_indices()[:8])[0]
+    per_sample = flops_per_sample(model, probe)
     return {
         **dataclasses.asdict(job.spec), "device": str(env.device), "backend": env.backend,
         "launcher": env.launcher, "parameters": count_parameters(model),
@@ -198,11 +199,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)  # before any allocation: one CUDA context per GPU
     job = build_job(cfg, env, spec)  # bad constructor arguments fail before the group starts
+    if cfg.trainer.warmup_steps >= cfg.trainer.max_steps:
+        log.warning("trainer.warmup_steps=%d >= trainer.max_steps=%d: the LR never leaves "
+                    "warm-up", cfg.trainer.warmup_steps, cfg.trainer.max_steps)
     with process_group(env):
         try:
+            derived = describe(job)
             job.wrapped = distribute(job)
             tracker = build_tracker(cfg, env.is_main, run_dir)
-            derived = describe(job)
             tracker.log_config(cfg, derived)
             log.info("run dir %s", run_dir)
             log.info("start: %s", " | ".join(
