@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dgxtrain import config, dist
+from dgxtrain.checkpoint import CheckpointError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXIT_CONFIG_ERROR = 2
@@ -27,6 +28,10 @@ def _exit_codes() -> Iterator[None]:
     """A bad setting becomes one line, printed by rank 0 only, and a distinct exit code."""
     try:
         yield
+    except CheckpointError as e:
+        if dist.env_rank() == 0:
+            sys.stderr.write(f"dgxtrain: checkpoint error: {e}\n")
+        sys.exit(EXIT_CONFIG_ERROR)
     except FloatingPointError as e:
         if dist.env_rank() == 0:
             logging.getLogger("dgxtrain").error("%s", e)

@@ -97,10 +97,50 @@ class TrainerConfig:
     compile: bool = False
     """torch.compile the model; falls back to eager with a log line if compilation fails."""
     log_every: int = 10
-    """Steps between metric lines; also the only steps that sync the host with the device."""
+    """Steps between metric lines (the loss is averaged over ranks only on these)."""
     eval_every: int = 0
     """Steps between evaluations; 0 = evaluate at the end only."""
     eval_batch_size: int = 1024
+    nonfinite: str = "error"
+    """A non-finite loss or gradient: error (stop before the update, exit 3) or skip (drop
+    the update on every rank, count it, and stop after max_skipped in a row)."""
+    max_skipped: int = 5
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 200
+    """Save every N steps (and always at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints to keep (at least 2, so a damaged newest one has a fallback)."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in the run dir), never (start fresh; older
+    checkpoints are moved aside, not deleted), or a path to a step-N dir or checkpoints dir."""
+
+
+@dataclass
+class DistConfig:
+    timeout_s: float = 300.0
+    """A step or collective stuck this long ends the job (non-zero), with every rank's
+    Python stack written to <run dir>/stacks/."""
+    init_timeout_s: float = 1800.0
+    """The same for start-up, compilation, the first step, evaluation and checkpoints."""
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection for tests and drills; each fault fires once per run dir."""
+
+    crash_at_step: int = 0
+    """The process exits at once (exit code 17) at this step; 0 = off."""
+    hang_at_step: int = 0
+    """The process stops making progress at this step."""
+    nan_at_step: int = 0
+    """The loss of this step is NaN."""
+    enospc_at_step: int = 0
+    """Writing the checkpoint of this step fails with ENOSPC (disk full)."""
+    rank: int = 0
+    """The rank the fault hits; -1 = every rank."""
 
 
 @dataclass
@@ -118,6 +158,9 @@ class Config:
     data: Any = MISSING
     optim: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     logger: Any = MISSING
 
 
@@ -194,6 +237,19 @@ def validate(cfg: DictConfig, world_size: int, cuda_available: bool) -> RunSpec:
                  f"set trainer.{key} >= 0 (0 disables it)")
     _require(cfg, "trainer.min_lr_ratio", 0.0 <= t.min_lr_ratio <= 1.0,
              "must be in [0, 1]", "e.g. trainer.min_lr_ratio=0.1")
+    _require(cfg, "trainer.nonfinite", t.nonfinite in ("error", "skip"),
+             "unknown mode", "use trainer.nonfinite=error or trainer.nonfinite=skip")
+    _require(cfg, "trainer.max_skipped", t.max_skipped > 0, "must be positive",
+             "set trainer.max_skipped to an integer >= 1")
+    c = cfg.checkpoint
+    _require(cfg, "checkpoint.every_steps", c.every_steps >= 0, "must not be negative",
+             "set checkpoint.every_steps >= 0 (0 = only at the end)")
+    _require(cfg, "checkpoint.keep_last", c.keep_last >= 2,
+             "fewer than 2 leaves no fallback if the newest is damaged",
+             "set checkpoint.keep_last >= 2")
+    for key in ("timeout_s", "init_timeout_s"):
+        _require(cfg, f"dist.{key}", cfg.dist[key] > 0, "must be positive",
+                 f"set dist.{key} to a number of seconds > 0")
     _require(cfg, "trainer.precision", t.precision in ("fp32", "bf16"),
              "unknown precision", "use trainer.precision=fp32 or trainer.precision=bf16")
 

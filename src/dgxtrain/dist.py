@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -142,7 +143,7 @@ def shared_run_id() -> str:
 
 
 @contextlib.contextmanager
-def process_group(env: DistEnv, timeout_s: float = 600) -> Iterator[None]:
+def process_group(env: DistEnv, timeout_s: float = 1800) -> Iterator[None]:
     """Join the process group for the duration of the block; teardown always runs.
 
     Any launched job joins one, even of one rank: `torchrun --nproc_per_node=1` takes the
@@ -167,11 +168,29 @@ def process_group(env: DistEnv, timeout_s: float = 600) -> Iterator[None]:
 
 def all_reduce_(t: torch.Tensor, mean: bool = False) -> torch.Tensor:
     """In-place sum (or mean) over ranks; a no-op in a single process."""
-    if tdist.is_available() and tdist.is_initialized():
+    if _initialized():
         tdist.all_reduce(t)
         if mean:
             t /= tdist.get_world_size()
     return t
+
+
+def _initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def barrier() -> None:
+    if _initialized():
+        tdist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a small picklable value)."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_agree(flag: bool, device: torch.device) -> bool:

@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 class NullTracker:
     """Accepts everything and does nothing: the tracker of every rank but 0."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker's run identity, kept in checkpoints (a W&B run id, say)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     def log_config(self, cfg: DictConfig, derived: dict[str, Any]) -> None:
         pass
 

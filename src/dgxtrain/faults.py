@@ -1,0 +1,86 @@
+"""Failures on purpose (fault injection) and failures explained (the hang watchdog).
+
+An injected fault fires once per run dir: a marker file under <run dir>/faults/ records
+it, so the restarted job does not fire it again and can show that it recovers.
+"""
+
+from __future__ import annotations
+
+import errno
+import faulthandler
+import logging
+import os
+import time
+from pathlib import Path
+from typing import IO
+
+import torch
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+EXIT_INJECTED_CRASH = 17
+
+
+class Faults:
+    def __init__(self, cfg: DictConfig, rank: int, run_dir: Path):
+        self.cfg, self.rank, self.dir = cfg, rank, run_dir / "faults"
+
+    def _fires(self, name: str, step: int) -> bool:
+        at = self.cfg[name]
+        if not at or step != at or self.cfg.rank not in (-1, self.rank):
+            return False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:  # O_EXCL: exactly one firing per run dir, even with every rank racing
+            fd = os.open(self.dir / f"{name}.rank{self.rank}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.fsync(fd)
+        os.close(fd)
+        log.warning("fault injection: %s fires on rank %d", name, self.rank)
+        return True
+
+    def before_step(self, step: int) -> None:
+        """`step` is the step about to run (1-based)."""
+        if self._fires("crash_at_step", step):
+            logging.shutdown()
+            os._exit(EXIT_INJECTED_CRASH)
+        if self._fires("hang_at_step", step):
+            while True:  # stuck like a rank in a dead collective
+                time.sleep(3600)
+
+    def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        return loss * float("nan") if self._fires("nan_at_step", step) else loss
+
+    def before_write(self, step: int, path: Path) -> None:
+        if self._fires("enospc_at_step", step):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
+
+
+class Watchdog:
+    """Ends a process that stops making progress, after writing every thread's stack.
+
+    faulthandler's timer runs in its own C thread: it fires even while Python is blocked
+    inside a collective or a GPU wait, where a Python-level timer could not run.
+    """
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = run_dir / "stacks" / f"rank{rank}.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] | None = open(self.path, "w")
+
+    def arm(self, seconds: float) -> None:
+        if self._file is not None:
+            faulthandler.dump_traceback_later(seconds, exit=True, file=self._file)
+
+    def close(self) -> None:
+        """Disarm; a clean exit leaves no stack file behind."""
+        faulthandler.cancel_dump_traceback_later()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if self.path.stat().st_size == 0:
+                self.path.unlink()
+                try:
+                    self.path.parent.rmdir()
+                except OSError:  # another rank's file is still there
+                    pass

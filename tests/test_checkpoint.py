@@ -1,0 +1,148 @@
+"""Checkpoints: atomic, verified, pruned; resume is exact, refuses what it cannot honour."""
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgxtrain.checkpoint import CheckpointError, _sha256, verify
+from dgxtrain.train import train
+from tests.conftest import compose_cfg, read_metrics
+
+# Constant LR: a run's trajectory then does not depend on max_steps, so a run extended
+# from a checkpoint can be compared with one that ran straight through.
+BASE = ["device=cpu", "data.dim=16", "model.hidden_dim=32", "trainer.global_batch_size=64",
+        "trainer.warmup_steps=0", "trainer.min_lr_ratio=1.0", "trainer.log_every=1",
+        "checkpoint.every_steps=5", "data.eval_samples=128"]
+
+
+def run(run_dir: Path, *extra: str) -> dict:
+    return train(compose_cfg(BASE + list(extra)), run_dir)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; a step logged twice (before a kill and after the resume) counts once,
+    the last time."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def ckpts(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    straight = run(tmp_path / "a", "trainer.max_steps=30")
+    run(tmp_path / "b", "trainer.max_steps=20")
+    resumed = run(tmp_path / "b", "trainer.max_steps=30")
+    assert resumed["resumed_from_step"] == 20 and resumed["steps"] == 30
+    assert resumed["param_sha256"] == straight["param_sha256"]
+    assert step_losses(tmp_path / "b") == step_losses(tmp_path / "a")
+
+
+def test_checkpoint_layout_manifest_and_pruning(tmp_path):
+    run(tmp_path, "trainer.max_steps=22", "checkpoint.keep_last=3")
+    assert ckpts(tmp_path) == ["step-15", "step-20", "step-22"]  # the end is always saved
+    d = tmp_path / "checkpoints" / "step-22"
+    m = json.loads((d / "manifest.json").read_text())
+    assert (m["step"], m["world_size"], m["global_batch_size"]) == (22, 1, 64)
+    assert {"config_sha256", "dgxtrain_version", "seed", "num_samples"} <= m.keys()
+    assert sorted(m["files"]) == ["model.pt", "optim.pt", "rng-rank0.pt", "state.pt"]
+    assert all(_sha256(d / f) == h for f, h in m["files"].items())
+    for f in m["files"]:  # plain tensors and values only
+        torch.load(d / f, weights_only=True)
+    assert verify(d) is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "no_manifest"])
+def test_damaged_newest_checkpoint_is_skipped_with_a_reason(tmp_path, damage):
+    run(tmp_path, "trainer.max_steps=20")
+    newest = tmp_path / "checkpoints" / "step-20"
+    if damage == "truncate":
+        data = (newest / "model.pt").read_bytes()
+        (newest / "model.pt").write_bytes(data[: len(data) // 2])
+    else:
+        (newest / "manifest.json").unlink()
+    s = run(tmp_path, "trainer.max_steps=25")
+    assert s["resumed_from_step"] == 15
+    log = (tmp_path / "train.log").read_text()
+    reason = "model.pt fails its checksum" if damage == "truncate" else "no manifest"
+    assert f"skipping checkpoint {newest}: {reason}" in log
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    s = run(tmp_path, "trainer.max_steps=12", "fault.enospc_at_step=10")
+    assert s["steps"] == 12  # training went on
+    assert ckpts(tmp_path) == ["step-12", "step-5"]  # no step-10, no .tmp-step-10 left
+    log = (tmp_path / "train.log").read_text()
+    assert "checkpoint step-10: writing" in log and "No space left on device" in log
+    assert str(tmp_path / "checkpoints" / ".tmp-step-10") in log  # the path is named
+    assert verify(tmp_path / "checkpoints" / "step-5") is None
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
+def test_a_checkpoint_holding_an_arbitrary_object_is_refused(tmp_path):
+    run(tmp_path, "trainer.max_steps=5")
+    d = tmp_path / "checkpoints" / "step-5"
+    with open(d / "model.pt", "wb") as f:
+        torch.save({"weights": Payload()}, f, pickle_module=pickle)
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"]["model.pt"] = _sha256(d / "model.pt")  # passes the checksum: only pickle guards
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="model.pt: refused to load"):
+        run(tmp_path, "trainer.max_steps=10")
+
+
+def test_what_cannot_be_honoured_is_a_clear_error_unless_starting_fresh(tmp_path):
+    run(tmp_path, "trainer.max_steps=5")
+    with pytest.raises(CheckpointError, match=r"trainer.global_batch_size=64, this run has 128"):
+        run(tmp_path, "trainer.max_steps=10", "trainer.global_batch_size=128")
+    with pytest.raises(CheckpointError, match=r"net.0.bias of shape=\(32,\), this run has \(48,\)"):
+        run(tmp_path, "trainer.max_steps=10", "model.hidden_dim=48")
+    fresh = run(tmp_path, "trainer.max_steps=10", "model.hidden_dim=48",
+                "checkpoint.resume=never")
+    assert fresh["resumed_from_step"] == 0
+    old = list(tmp_path.glob("checkpoints.old-*"))
+    assert len(old) == 1 and (old[0] / "step-5" / "manifest.json").is_file()  # kept
+
+
+def test_resume_from_an_explicit_path(tmp_path):
+    run(tmp_path / "a", "trainer.max_steps=10")
+    s = run(tmp_path / "b", "trainer.max_steps=12",
+            f"checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'step-5'}")
+    assert s["resumed_from_step"] == 5
+
+
+def test_nan_in_error_mode_stops_before_the_update(tmp_path):
+    with pytest.raises(FloatingPointError, match="at step 8, update not applied"):
+        run(tmp_path, "trainer.max_steps=20", "fault.nan_at_step=8")
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["stop_reason"] == "non_finite" and s["steps"] == 7
+    assert ckpts(tmp_path) == ["step-5"]
+    weights = torch.load(tmp_path / "checkpoints" / "step-5" / "model.pt", weights_only=True)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert all(torch.isfinite(w).all() for w in
+               torch.load(tmp_path / "model.pt", weights_only=True).values())
+
+
+def test_nan_in_skip_mode_is_skipped_and_counted(tmp_path):
+    s = run(tmp_path, "trainer.max_steps=12", "fault.nan_at_step=8", "trainer.nonfinite=skip")
+    assert (s["steps"], s["skipped_steps"], s["stop_reason"]) == (12, 1, "max_steps")
+    rows = {m["step"]: m for m in read_metrics(tmp_path) if "loss" in m}
+    assert rows[7]["skipped_steps"] == 0 and rows[8]["skipped_steps"] == 1
+    assert rows[8]["loss"] is None  # NaN is written as null: the file stays valid JSON
+    # The fault fires once per run dir: a resumed run does not see it again.
+    again = run(tmp_path, "trainer.max_steps=14", "fault.nan_at_step=8",
+                "trainer.nonfinite=skip")
+    assert again["skipped_steps"] == 1
+
+
+def test_too_many_consecutive_skips_abort(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"3 non-finite steps in a row"):
+        run(tmp_path, "trainer.max_steps=20", "trainer.nonfinite=skip",
+            "trainer.max_skipped=3", "optim=sgd", "optim.lr=1e12", "trainer.grad_clip=0")
