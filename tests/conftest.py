@@ -44,19 +44,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: float = 300,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cli_args(run_dir: Path, overrides: list[str], nproc: int = 1,
+             torchrun_args: tuple[str, ...] = ()) -> list[str]:
     """`python -m dgxtrain` (nproc=1) or `torchrun --standalone` with nproc CPU ranks."""
     launcher = ([sys.executable, "-m", "dgxtrain"] if nproc == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc_per_node={nproc}", "-m", "dgxtrain"])
-    args = launcher + ["device=cpu", f"hydra.run.dir={run_dir}", *overrides]
-    return subprocess.run(args, cwd=ROOT, env=env or clean_env(), capture_output=True,
-                          text=True, timeout=timeout)
+                 f"--nproc_per_node={nproc}", *torchrun_args, "-m", "dgxtrain"])
+    return launcher + ["device=cpu", f"hydra.run.dir={run_dir}", *overrides]
 
 
-def run_ok(run_dir: Path, overrides: list[str], nproc: int = 1) -> dict:
-    p = run_cli(run_dir, overrides, nproc)
+def run_cli(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: float = 300,
+            env: dict[str, str] | None = None,
+            torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_args(run_dir, overrides, nproc, torchrun_args), cwd=ROOT,
+                          env=env or clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_ok(run_dir: Path, overrides: list[str], nproc: int = 1,
+           torchrun_args: tuple[str, ...] = ()) -> dict:
+    p = run_cli(run_dir, overrides, nproc, torchrun_args=torchrun_args)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 

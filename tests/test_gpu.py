@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dgxtrain.data import GlobalBatchSchedule, SyntheticRegression
-from dgxtrain.train import make_autocast, train, train_step
+from dgxtrain.job import make_autocast
+from dgxtrain.train import train, train_step
 from tests.conftest import compose_cfg, losses, run_ok
 
 pytestmark = [pytest.mark.gpu,

@@ -152,10 +152,15 @@ def process_group(env: DistEnv, timeout_s: float = 1800) -> Iterator[None]:
     if env.launcher == "single":
         yield
         return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    url = f"tcp://{env.master_addr}:{env.master_port}?rank={env.rank}&world_size={env.world_size}"
+    store, _, _ = next(tdist.rendezvous(url, timeout=timeout))
+    # torchrun's agent keeps its store across worker restarts: without a fresh prefix per
+    # attempt, a restarted rank can read the dead generation's addresses and fail to connect.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     tdist.init_process_group(
-        env.backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-        rank=env.rank, world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        env.backend, store=tdist.PrefixStore(f"dgxtrain/attempt-{attempt}", store),
+        rank=env.rank, world_size=env.world_size, timeout=timeout,
         # Binding the group to this rank's GPU lets NCCL connect eagerly and never guess.
         device_id=env.device if env.device.type == "cuda" else None)
     log.info("joined %s process group: rank %d of %d via %s:%d", env.backend, env.rank,
@@ -164,6 +169,13 @@ def process_group(env: DistEnv, timeout_s: float = 1800) -> Iterator[None]:
         yield
     finally:
         tdist.destroy_process_group()
+
+
+def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """DDP all-reduces gradients on every backward unless told not to (no_sync)."""
+    if enabled or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def all_reduce_(t: torch.Tensor, mean: bool = False) -> torch.Tensor:

@@ -10,6 +10,7 @@ import errno
 import faulthandler
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import IO
@@ -67,6 +68,8 @@ class Watchdog:
         self.path = run_dir / "stacks" / f"rank{rank}.txt"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] | None = open(self.path, "w")
+        # torchrun ends the surviving ranks with SIGTERM when one fails: they leave stacks too.
+        faulthandler.register(signal.SIGTERM, file=self._file, all_threads=True, chain=True)
 
     def arm(self, seconds: float) -> None:
         if self._file is not None:
@@ -75,6 +78,7 @@ class Watchdog:
     def close(self) -> None:
         """Disarm; a clean exit leaves no stack file behind."""
         faulthandler.cancel_dump_traceback_later()
+        faulthandler.unregister(signal.SIGTERM)
         if self._file is not None:
             self._file.close()
             self._file = None

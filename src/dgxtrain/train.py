@@ -5,34 +5,27 @@ The loop only schedules (log, eval, stop); computing lives in train_step and eva
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import gc
-import hashlib
 import logging
 import math
-import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel as DDP
+from omegaconf import DictConfig
 
-from dgxtrain import __version__, checkpoint, logs
-from dgxtrain.config import ConfigError, RunSpec, validate
-from dgxtrain.data import GlobalBatchSchedule
-from dgxtrain.dist import DistEnv, all_agree, all_reduce_, process_group, world_size_from_env
+from dgxtrain import checkpoint, logs
+from dgxtrain.config import validate
+from dgxtrain.dist import DistEnv, all_reduce_, grad_sync, process_group, world_size_from_env
 from dgxtrain.evaluate import evaluate
-from dgxtrain.faults import Faults, Watchdog
-from dgxtrain.metrics import StepMeter, count_parameters, flops_per_sample, param_sha256
-from dgxtrain.optim import build_optimizer, build_scheduler
+from dgxtrain.faults import Watchdog
+from dgxtrain.job import Job, build_job, describe, distribute, resume, save_checkpoint
+from dgxtrain.metrics import StepMeter, param_sha256
 from dgxtrain.tracking import NullTracker, build_tracker
 
 log = logging.getLogger(__name__)
@@ -54,13 +47,6 @@ class TrainState:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         for k, v in d.items():
             setattr(self, k, v)
-
-
-def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-    """DDP all-reduces gradients on every backward unless told not to (no_sync)."""
-    if enabled or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -96,142 +82,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return loss_sum, grad_norm, applied
 
 
-def make_autocast(device: torch.device, precision: str) -> Callable:
-    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
-                             enabled=precision == "bf16")
-
-
-def compile_or_eager(model: torch.nn.Module, example: torch.Tensor, autocast: Callable,
-                     device: torch.device) -> torch.nn.Module:
-    """torch.compile, proven by one forward/backward; eager on every rank if any rank fails."""
-    try:
-        compiled = torch.compile(model)
-        # no_sync: a rank whose compile fails must not leave the others in an all-reduce.
-        with grad_sync(compiled, False):
-            with autocast():
-                out = compiled(example)
-            out.float().sum().backward()
-        ok = True
-    except Exception as e:  # backend missing, no C++ compiler, an untraceable user model
-        log.warning("torch.compile failed (%s: %s); training eagerly",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        ok = False
-    for p in model.parameters():
-        p.grad = None
-    if all_agree(ok, device):
-        log.info("model compiled with torch.compile")
-        return compiled
-    return model
-
-
-@dataclass
-class Job:
-    """What a run is made of, built once before the loop."""
-
-    cfg: DictConfig
-    env: DistEnv
-    spec: RunSpec
-    dataset: Any
-    model: torch.nn.Module  # unwrapped: evaluation, state_dict, parameter hash
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    schedule: GlobalBatchSchedule
-    autocast: Callable
-    run_dir: Path
-    faults: Faults
-    watchdog: Watchdog
-    wrapped: torch.nn.Module | None = None  # DDP and/or compiled: the training forward
-
-
-@contextlib.contextmanager
-def _constructing(group: str, node: DictConfig) -> Iterator[None]:
-    """A class that rejects the config's arguments is a config error, named as one."""
-    try:
-        yield
-    except InstantiationException as e:
-        cause = e.__cause__ or e
-        raise ConfigError(f"{group}._target_", node.get("_target_"),
-                          f"its constructor failed ({type(cause).__name__}: "
-                          f"{str(cause).splitlines()[0] if str(cause) else ''})",
-                          f"make the {group}.* keys match that class's arguments") from e
-
-
-def build_job(cfg: DictConfig, env: DistEnv, spec: RunSpec, run_dir: Path,
-              watchdog: Watchdog) -> Job:
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    with _constructing("data", cfg.data):
-        dataset = instantiate(cfg.data, seed=cfg.seed, device=env.device)
-    with _constructing("model", cfg.model):
-        model = instantiate(cfg.model, in_dim=dataset.dim).to(env.device)
-    with _constructing("optim", cfg.optim):
-        optimizer = build_optimizer(cfg.optim, model)
-    t = cfg.trainer
-    return Job(cfg, env, spec, dataset, model, optimizer,
-               build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio),
-               GlobalBatchSchedule(dataset.num_samples, cfg.seed, spec.global_batch_size,
-                                   env.rank, env.world_size, spec.micro_batch_size, env.device),
-               make_autocast(env.device, t.precision), run_dir,
-               Faults(cfg.fault, env.rank, run_dir), watchdog)
-
-
-def distribute(job: Job) -> torch.nn.Module:
-    """DDP when launched (even at one rank: one code path), then torch.compile if asked."""
-    env, wrapped = job.env, job.model
-    if env.launcher != "single":
-        # DDP broadcasts rank 0's weights at construction and buckets gradients so that
-        # their all-reduce overlaps the rest of the backward pass.
-        wrapped = DDP(wrapped, device_ids=[env.device.index] if env.device.type == "cuda"
-                      else None)
-    if job.cfg.trainer.compile:
-        example = job.dataset.sample(job.schedule(0)[0])[0]
-        wrapped = compile_or_eager(wrapped, example, job.autocast, env.device)
-    return wrapped
-
-
-def describe(job: Job) -> dict[str, Any]:
-    """The derived values logged at start (and stored as derived.json). Before distribute()."""
-    env, model = job.env, job.model
-    probe = job.dataset.sample(job.dataset.eval_indices()[:8])[0]
-    per_sample = flops_per_sample(model, probe)
-    return {
-        **dataclasses.asdict(job.spec), "device": str(env.device), "backend": env.backend,
-        "launcher": env.launcher, "parameters": count_parameters(model),
-        "flops_per_step": per_sample * job.spec.global_batch_size if per_sample else None,
-        "torch": torch.__version__, "python": platform.python_version(),
-        "device_name": (torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-    }
-
-
-def checkpoint_meta(job: Job) -> dict[str, Any]:
-    """What a checkpoint records about the run that wrote it (manifest.json)."""
-    cfg_yaml = OmegaConf.to_yaml(job.cfg, resolve=True)
-    return {"world_size": job.env.world_size, "global_batch_size": job.spec.global_batch_size,
-            "seed": job.cfg.seed, "num_samples": job.dataset.num_samples,
-            "config_sha256": hashlib.sha256(cfg_yaml.encode()).hexdigest(),
-            "dgxtrain_version": __version__, "torch_version": torch.__version__}
-
-
-def save_checkpoint(job: Job, state: TrainState, tracker: NullTracker) -> bool:
-    job.watchdog.arm(job.cfg.dist.init_timeout_s)
-    return checkpoint.save(
-        job.run_dir, state.step, job.env,
-        checkpoint.contents(job.model, job.optimizer, job.scheduler, state.state_dict(),
-                            tracker.state_dict()),
-        checkpoint_meta(job), job.cfg.checkpoint.keep_last, job.faults.before_write)
-
-
-def resume(job: Job, state: TrainState) -> dict[str, Any]:
-    """Continue from the newest complete checkpoint (or as checkpoint.resume says)."""
-    found = checkpoint.choose(job.cfg.checkpoint.resume, job.run_dir, job.env)
-    if found is None:
-        return {}
-    saved = checkpoint.restore(found, job.env, checkpoint_meta(job), job.model,
-                               job.optimizer, job.scheduler)
-    state.load_state_dict({**saved["train_state"], "stop_reason": ""})
-    return saved["tracker"]
-
-
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Run one training job as configured; returns the summary rank 0 writes."""
     # Validate before picking a GPU or joining a process group: a bad setting costs nothing.
@@ -254,12 +104,15 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         try:
             derived = describe(job)
             state = TrainState()
-            tracker_state = resume(job, state)
+            saved = resume(job)
+            if saved:
+                state.load_state_dict({**saved["train_state"], "stop_reason": ""})
             job.wrapped = distribute(job)
             tracker = build_tracker(cfg, env.is_main, run_dir)
-            tracker.load_state_dict(tracker_state)
+            tracker.load_state_dict(saved.get("tracker", {}))
             tracker.log_config(cfg, derived)
-            log.info("run dir %s", run_dir)
+            log.info("run dir %s (a rank stuck for dist.timeout_s=%gs writes its stack to "
+                     "stacks/ and ends the job)", run_dir, cfg.dist.timeout_s)
             log.info("start: %s", " | ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in derived.items()))
@@ -325,7 +178,7 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker) -> dict[str, Any
             job.watchdog.arm(job.cfg.dist.init_timeout_s)
             tracker.log_metrics(state.step, evaluate_now())
         if (done or (every and state.step % every == 0)) and not state.stop_reason:
-            save_checkpoint(job, state, tracker)
+            save_checkpoint(job, state.step, state.state_dict(), tracker)
     job.watchdog.arm(job.cfg.dist.init_timeout_s)
     state.stop_reason = state.stop_reason or "max_steps"
     train_time = meter.elapsed()

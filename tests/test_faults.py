@@ -1,0 +1,105 @@
+"""Failures of real processes: SIGKILL, a crashed rank under torchrun restarts, a change
+of world size, a hung rank, a NaN on one rank."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, clean_env, cli_args, run_cli, run_ok
+from tests.test_checkpoint import step_losses
+
+pytestmark = pytest.mark.multiprocess
+
+# Constant LR, so that a run extended from a checkpoint compares with a straight one.
+BASE = ["data.dim=16", "model.hidden_dim=32", "trainer.global_batch_size=64",
+        "trainer.warmup_steps=0", "trainer.min_lr_ratio=1.0", "trainer.log_every=1",
+        "checkpoint.every_steps=10", "data.eval_samples=128", "trainer.max_steps=40"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted 2-rank run everything is compared with."""
+    d = tmp_path_factory.mktemp("straight")
+    run_ok(d, BASE, nproc=2)
+    return d
+
+
+def summary(d: Path) -> dict:
+    return json.loads((d / "summary.json").read_text())
+
+
+def assert_close_run(d: Path, ref: Path, rtol: float = 1e-5) -> None:
+    a, b = step_losses(d), step_losses(ref)
+    assert a.keys() == b.keys() == set(range(1, 41))
+    assert all(abs(a[s] - b[s]) <= rtol * abs(b[s]) for s in a), (a, b)
+    pa = torch.load(d / "model.pt", weights_only=True)
+    pb = torch.load(ref / "model.pt", weights_only=True)
+    for k in pb:
+        assert ((pa[k] - pb[k]).norm() / pb[k].norm()).item() <= rtol, k
+
+
+def test_sigkill_after_a_checkpoint_then_restart_is_bit_exact(tmp_path, straight):
+    run = tmp_path / "run"
+    # Every rank stops at step 25 (after step-20 is saved) so that the kill lands mid-run.
+    over = BASE + ["fault.hang_at_step=25", "fault.rank=-1"]
+    job = subprocess.Popen(cli_args(run, over, nproc=2), cwd=ROOT, env=clean_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    marker = run / "faults" / "hang_at_step.rank0"
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "the job never reached step 25"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (run / "summary.json").exists()
+    s = run_ok(run, over, nproc=2)  # the same command again
+    assert s["resumed_from_step"] == 20
+    assert s["param_sha256"] == summary(straight)["param_sha256"]
+    assert step_losses(run) == step_losses(straight)
+
+
+def test_torchrun_restarts_a_crashed_rank_and_the_run_completes(tmp_path, straight):
+    s = run_ok(tmp_path, BASE + ["fault.crash_at_step=25", "fault.rank=1"], nproc=2,
+               torchrun_args=("--max-restarts=1",))
+    assert (tmp_path / "faults" / "crash_at_step.rank1").exists()  # it did crash
+    assert s["resumed_from_step"] == 20 and s["steps"] == 40
+    assert s["param_sha256"] == summary(straight)["param_sha256"]
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_a_different_world_size(tmp_path, straight, before, after):
+    run_ok(tmp_path, BASE + ["trainer.max_steps=20"], nproc=before)
+    s = run_ok(tmp_path, BASE, nproc=after)
+    assert (s["resumed_from_step"], s["world_size"]) == (20, after)
+    assert_close_run(tmp_path, straight)
+
+
+def test_a_hung_rank_ends_the_job_with_every_stack_written(tmp_path):
+    start = time.time()
+    p = run_cli(tmp_path, BASE + ["fault.hang_at_step=5", "fault.rank=1", "dist.timeout_s=5"],
+                nproc=2, timeout=120)
+    elapsed = time.time() - start
+    assert p.returncode != 0
+    assert elapsed < 5 + 30, elapsed  # timeout plus start-up and a margin
+    stacks = {r: (tmp_path / "stacks" / f"rank{r}.txt").read_text() for r in (0, 1)}
+    assert "before_step" in stacks[1]  # the hung rank, caught where it hangs
+    assert "train_step" in stacks[0] or "all_reduce" in stacks[0]  # the one waiting for it
+
+
+def test_nan_on_one_rank_stops_every_rank_before_the_update(tmp_path):
+    p = run_cli(tmp_path, BASE + ["fault.nan_at_step=8", "fault.rank=1"], nproc=2)
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert out.count("non-finite loss or gradient at step 8, update not applied") == 1
+    assert summary(tmp_path)["steps"] == 7
+    newest = tmp_path / "checkpoints" / "step-40"
+    assert not newest.exists()
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.isfinite(w).all() for w in weights.values())
