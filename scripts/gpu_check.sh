@@ -15,7 +15,10 @@ nvidia-smi -L
 status=${PIPESTATUS[0]}
 # The default job on one process (device auto -> cuda), then on every GPU via torchrun.
 "$PY" -m dgxtrain hydra.run.dir="$out/single" 2>&1 | tail -3
-DGXTRAIN_PYTHON=$PY DGXTRAIN_RUN_ID=gpu_check DGXTRAIN_OUTPUT_ROOT="$out" scripts/launch.sh 2>&1 | grep -E "joined|start:|step 1000/|summary" 
+DGXTRAIN_PYTHON=$PY DGXTRAIN_RUN_ID=gpu_check DGXTRAIN_OUTPUT_ROOT="$out" scripts/launch.sh 2>&1 | grep -E "joined|start:|step 1000/|summary"
+# The same job again, longer: it resumes from its last checkpoint over NCCL.
+DGXTRAIN_PYTHON=$PY DGXTRAIN_RUN_ID=gpu_check DGXTRAIN_OUTPUT_ROOT="$out" scripts/launch.sh \
+  trainer.max_steps=1200 2>&1 | grep -E "resumed from|step 1200/|rror"
 # Throughput of a DGX-sized model per GPU: fp32 eager vs bf16 + compile.
 for prec in fp32 bf16; do
   compile=$([[ $prec == bf16 ]] && echo true || echo false)

@@ -96,6 +96,7 @@ def test_a_checkpoint_holding_an_arbitrary_object_is_refused(tmp_path):
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="model.pt: refused to load"):
         run(tmp_path, "trainer.max_steps=10")
+    assert not (tmp_path / "stacks").exists()  # the watchdog was disarmed on the way out
 
 
 def test_what_cannot_be_honoured_is_a_clear_error_unless_starting_fresh(tmp_path):

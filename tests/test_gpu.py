@@ -74,3 +74,14 @@ def test_bf16_and_compile_learn_on_gpu(tmp_path):
     assert "model compiled with torch.compile" in log and "training eagerly" not in log
     derived = json.loads((tmp_path / "derived.json").read_text())
     assert derived["device"] == "cuda:0" and derived["backend"] == "nccl"
+
+
+def test_checkpoint_resume_on_gpu(tmp_path):
+    base = SMALL + ["device=cuda", "trainer.min_lr_ratio=1.0", "checkpoint.every_steps=10"]
+    straight = train(compose_cfg(base + ["trainer.max_steps=30"]), tmp_path / "a")
+    train(compose_cfg(base + ["trainer.max_steps=20"]), tmp_path / "b")
+    resumed = train(compose_cfg(base + ["trainer.max_steps=30"]), tmp_path / "b")
+    assert resumed["resumed_from_step"] == 20
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")[-30:]
+    assert all(abs(x - y) <= 1e-6 * abs(y) for x, y in zip(b, a))
+    print("bit-exact on GPU:", resumed["param_sha256"] == straight["param_sha256"])

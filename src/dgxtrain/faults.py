@@ -71,6 +71,12 @@ class Watchdog:
         # torchrun ends the surviving ranks with SIGTERM when one fails: they leave stacks too.
         faulthandler.register(signal.SIGTERM, file=self._file, all_threads=True, chain=True)
 
+    def __enter__(self) -> Watchdog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def arm(self, seconds: float) -> None:
         if self._file is not None:
             faulthandler.dump_traceback_later(seconds, exit=True, file=self._file)

@@ -91,41 +91,24 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         from hydra.core.hydra_config import HydraConfig
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     logs.setup_logging(env.rank, run_dir)
-    watchdog = Watchdog(run_dir, env.rank)
-    watchdog.arm(cfg.dist.init_timeout_s)
-    if env.device.type == "cuda":
-        torch.cuda.set_device(env.device)  # before any allocation: one CUDA context per GPU
-    job = build_job(cfg, env, spec, run_dir, watchdog)  # bad arguments fail before the group
-    if cfg.trainer.warmup_steps >= cfg.trainer.max_steps:
-        log.warning("trainer.warmup_steps=%d >= trainer.max_steps=%d: the LR never leaves "
-                    "warm-up", cfg.trainer.warmup_steps, cfg.trainer.max_steps)
-    # Collectives get more time than the watchdog, so that a hang ends with stacks written.
-    with process_group(env, timeout_s=cfg.dist.init_timeout_s + 60):
-        try:
-            derived = describe(job)
-            state = TrainState()
-            saved = resume(job)
-            if saved:
-                state.load_state_dict({**saved["train_state"], "stop_reason": ""})
-            job.wrapped = distribute(job)
-            tracker = build_tracker(cfg, env.is_main, run_dir)
-            tracker.load_state_dict(saved.get("tracker", {}))
-            tracker.log_config(cfg, derived)
-            log.info("run dir %s (a rank stuck for dist.timeout_s=%gs writes its stack to "
-                     "stacks/ and ends the job)", run_dir, cfg.dist.timeout_s)
-            log.info("start: %s", " | ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in derived.items()))
-            summary = run_loop(job, state, tracker)
-            tracker.save_model(job.model)
-            tracker.finish(summary)
-        finally:
-            # DDP's reducer holds the process group. Freed later, its destructor would join
-            # gloo's threads with the GIL held and can deadlock; free it while the group lives.
-            job.wrapped = None
-            gc.collect()
-            checkpoint.finish_pruning()
-    watchdog.close()
+    with Watchdog(run_dir, env.rank) as watchdog:
+        watchdog.arm(cfg.dist.init_timeout_s)
+        if env.device.type == "cuda":
+            torch.cuda.set_device(env.device)  # before any allocation: one context per GPU
+        job = build_job(cfg, env, spec, run_dir, watchdog)  # bad arguments fail here already
+        if cfg.trainer.warmup_steps >= cfg.trainer.max_steps:
+            log.warning("trainer.warmup_steps=%d >= trainer.max_steps=%d: the LR never leaves "
+                        "warm-up", cfg.trainer.warmup_steps, cfg.trainer.max_steps)
+        # Collectives get more time than the watchdog, so a hang ends with stacks written.
+        with process_group(env, timeout_s=cfg.dist.init_timeout_s + 60):
+            try:
+                state, summary = _run(job, run_dir)
+            finally:
+                # DDP's reducer holds the process group. Freed later, its destructor would
+                # join gloo's threads with the GIL held and can deadlock: free it now.
+                job.wrapped = None
+                gc.collect()
+                checkpoint.finish_pruning()
     if state.stop_reason in ("non_finite", "too_many_skips"):
         raise FloatingPointError(
             f"non-finite loss or gradient at step {state.step + 1}, update not applied; fix: "
@@ -135,6 +118,28 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             f"{cfg.trainer.max_skipped}), up to step {state.step}; fix: lower optim.lr or set "
             "trainer.grad_clip")
     return summary
+
+
+def _run(job: Job, run_dir: Path) -> tuple[TrainState, dict[str, Any]]:
+    """Inside the process group: resume, distribute, loop, write the outputs."""
+    cfg, env = job.cfg, job.env
+    derived = describe(job)
+    state = TrainState()
+    saved = resume(job)
+    if saved:
+        state.load_state_dict({**saved["train_state"], "stop_reason": ""})
+    job.wrapped = distribute(job)
+    tracker = build_tracker(cfg, env.is_main, run_dir)
+    tracker.load_state_dict(saved.get("tracker", {}))
+    tracker.log_config(cfg, derived)
+    log.info("run dir %s (a rank stuck for dist.timeout_s=%gs writes its stack to stacks/ "
+             "and ends the job)", run_dir, cfg.dist.timeout_s)
+    log.info("start: %s", " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in derived.items()))
+    summary = run_loop(job, state, tracker)
+    tracker.save_model(job.model)
+    tracker.finish(summary)
+    return state, summary
 
 
 def run_loop(job: Job, state: TrainState, tracker: NullTracker) -> dict[str, Any]:
