@@ -103,3 +103,10 @@ def test_nan_on_one_rank_stops_every_rank_before_the_update(tmp_path):
     assert not newest.exists()
     weights = torch.load(tmp_path / "model.pt", weights_only=True)
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_disk_full_on_one_rank_skips_that_checkpoint_on_all(tmp_path):
+    s = run_ok(tmp_path, BASE + ["trainer.max_steps=30", "fault.enospc_at_step=20",
+                                 "fault.rank=1", "checkpoint.keep_last=3"], nproc=2)
+    assert s["steps"] == 30
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-10", "step-30"]

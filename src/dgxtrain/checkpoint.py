@@ -155,18 +155,28 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _attempt(step: int, what: str, fn) -> bool:
+    try:
+        fn()
+        return True
+    except OSError as e:
+        log.error("checkpoint step-%d: %s failed for %s: %s", step, what, e.filename, e)
+        return False
+
+
 def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
          meta: dict[str, Any], keep_last: int, before_write=None) -> bool:
     """Collective: every rank calls it. Rank 0 writes `shared` ({file name: object}), each
-    rank its RNG state. Returns False (and keeps the previous checkpoints) on a write error."""
+    rank its RNG state. Returns False (and keeps the previous checkpoints) on a write error.
+    Every rank reaches the same collectives whatever fails where, so nobody is left waiting."""
     root = root_of(run_dir)
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
-    ok = True
-    try:
-        if env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way, earlier
-            tmp.mkdir(parents=True)
-        dist.barrier()
+
+    def make_tmp() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way, earlier
+        tmp.mkdir(parents=True)
+
+    def write_files() -> None:
         files = {f"rng-rank{env.rank}.pt": rng_state(env.device)}
         if env.is_main:
             files.update(shared)
@@ -174,28 +184,25 @@ def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
             if before_write:
                 before_write(step, tmp / name)
             write_file(tmp / name, obj)
-    except OSError as e:
-        log.error("checkpoint step-%d: writing %s failed: %s", step, e.filename or tmp, e)
-        ok = False
-    ok = dist.all_agree(ok, env.device)
-    if ok and env.is_main:
-        try:
-            names = sorted(p.name for p in tmp.iterdir())
-            body = {**meta, "step": step, "files": {n: _sha256(tmp / n) for n in names}}
-            with open(tmp / MANIFEST, "w") as f:  # last: it marks the checkpoint complete
-                json.dump(body, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():  # a fresh run re-reaching a step: replace, never mix
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(root)
-        except OSError as e:
-            log.error("checkpoint step-%d: finishing %s failed: %s", step, tmp, e)
-            ok = False
-    if not ok and env.is_main:
+
+    def finish() -> None:
+        names = sorted(p.name for p in tmp.iterdir())
+        body = {**meta, "step": step, "files": {n: _sha256(tmp / n) for n in names}}
+        with open(tmp / MANIFEST, "w") as f:  # last: it marks the checkpoint complete
+            json.dump(body, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # a fresh run re-reaching a step: replace, never mix
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+
+    ok = dist.all_agree(not env.is_main or _attempt(step, "creating", make_tmp), env.device)
+    ok = dist.all_agree(ok and _attempt(step, "writing", write_files), env.device)
+    ok = dist.all_agree(ok and (not env.is_main or _attempt(step, "finishing", finish)),
+                        env.device)
+    if env.is_main and not ok:
         shutil.rmtree(tmp, ignore_errors=True)
-    ok = dist.all_agree(ok, env.device)
     if ok and env.is_main:
         log.info("checkpoint saved: %s", final)
         # Deleting is slow on some file systems and may fail; neither may block training.
