@@ -32,7 +32,8 @@ class Faults:
             return False
         self.dir.mkdir(parents=True, exist_ok=True)
         try:  # O_EXCL: exactly one firing per run dir, even with every rank racing
-            fd = os.open(self.dir / f"{name}.rank{self.rank}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(self.dir / f"{name}.rank{self.rank}",
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return False
         os.fsync(fd)
