@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,9 +57,17 @@ def cli_args(run_dir: Path, overrides: list[str], nproc: int = 1,
 def run_cli(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: float = 300,
             env: dict[str, str] | None = None,
             torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_args(run_dir, overrides, nproc, torchrun_args), cwd=ROOT,
-                          env=env or clean_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    args = cli_args(run_dir, overrides, nproc, torchrun_args)
+    # A session of its own: on a timeout the workers die with torchrun, not orphaned.
+    with subprocess.Popen(args, cwd=ROOT, env=env or clean_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    return subprocess.CompletedProcess(args, p.returncode, out, err)
 
 
 def run_ok(run_dir: Path, overrides: list[str], nproc: int = 1,
