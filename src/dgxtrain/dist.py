@@ -191,11 +191,6 @@ def _initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
 
 
-def barrier() -> None:
-    if _initialized():
-        tdist.barrier()
-
-
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank (a small picklable value)."""
     if not _initialized():
