@@ -54,17 +54,43 @@ def cli_args(run_dir: Path, overrides: list[str], nproc: int = 1,
     return launcher + ["device=cpu", f"hydra.run.dir={run_dir}", *overrides]
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                out.append(int(stat.parent.name))
+        except OSError:  # gone meanwhile
+            continue
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, like a node going away. torchrun starts
+    each worker in a session of its own, so a process-group kill would miss them."""
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children(p))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_cli(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: float = 300,
             env: dict[str, str] | None = None,
             torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     args = cli_args(run_dir, overrides, nproc, torchrun_args)
-    # A session of its own: on a timeout the workers die with torchrun, not orphaned.
     with subprocess.Popen(args, cwd=ROOT, env=env or clean_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as p:
+                          stderr=subprocess.PIPE, text=True) as p:
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+            kill_tree(p.pid)  # the workers too, not only torchrun
             p.communicate()
             raise
     return subprocess.CompletedProcess(args, p.returncode, out, err)

@@ -2,8 +2,6 @@
 of world size, a hung rank, a NaN on one rank."""
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, clean_env, cli_args, run_cli, run_ok
+from tests.conftest import ROOT, children, clean_env, cli_args, kill_tree, run_cli, run_ok
 from tests.test_checkpoint import step_losses
 
 pytestmark = pytest.mark.multiprocess
@@ -44,20 +42,36 @@ def assert_close_run(d: Path, ref: Path, rtol: float = 1e-5) -> None:
         assert ((pa[k] - pb[k]).norm() / pb[k].norm()).item() <= rtol, k
 
 
+def _wait_gone(pid: int, timeout: float = 10) -> None:
+    """Until `pid` has exited (a zombie waiting for init to reap it counts as exited)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except OSError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"rank process {pid} survived the kill")
+
+
 def test_sigkill_after_a_checkpoint_then_restart_is_bit_exact(tmp_path, straight):
     run = tmp_path / "run"
     # Every rank stops at step 25 (after step-20 is saved) so that the kill lands mid-run.
     over = BASE + ["fault.hang_at_step=25", "fault.rank=-1"]
     job = subprocess.Popen(cli_args(run, over, nproc=2), cwd=ROOT, env=clean_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = run / "faults" / "hang_at_step.rank0"
     deadline = time.time() + 120
     while not marker.exists() and time.time() < deadline and job.poll() is None:
         time.sleep(0.2)
     assert marker.exists(), "the job never reached step 25"
-    os.killpg(job.pid, signal.SIGKILL)
+    workers = children(job.pid)
+    assert len(workers) == 2
+    kill_tree(job.pid)  # torchrun and both ranks at once, like a lost node
     job.wait()
+    for w in workers:
+        _wait_gone(w)
     assert not (run / "summary.json").exists()
     s = run_ok(run, over, nproc=2)  # the same command again
     assert s["resumed_from_step"] == 20
