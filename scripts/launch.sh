@@ -2,8 +2,10 @@
 # Train on every GPU of this machine, or on CPU processes where there is none:
 #   scripts/launch.sh [hydra overrides...]
 # NPROC overrides the process count; DGXTRAIN_PYTHON the interpreter (default: the venv's
-# python, else python3). --standalone picks a free rendezvous port, so two jobs on one
-# machine never collide on a fixed 29500.
+# python, else python3); TORCHRUN_ARGS adds torchrun options (e.g. --numa-binding=node).
+# Alone, --standalone picks a free rendezvous port, so two jobs on one machine never
+# collide on a fixed 29500. As one task per node of an srun step (slurm/train.sbatch), the
+# nodes meet at MASTER_ADDR:MASTER_PORT, node rank = SLURM_NODEID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${DGXTRAIN_VENV:-.venv}
@@ -12,6 +14,14 @@ gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 nproc=${NPROC:-$(( gpus > 0 ? gpus : 2 ))}
 # Share the cores between processes (torchrun would otherwise force 1 thread and warn).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
-# A readable run dir name that every rank agrees on.
-export DGXTRAIN_RUN_ID=${DGXTRAIN_RUN_ID:-$(date +%Y-%m-%d_%H-%M-%S)}
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m dgxtrain "$@"
+if [[ -n ${SLURM_STEP_ID:-} && -n ${MASTER_ADDR:-} ]]; then
+  rdzv=(--nnodes="${SLURM_STEP_NUM_NODES:-$SLURM_NNODES}" --node-rank="$SLURM_NODEID"
+        --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT")
+else
+  rdzv=(--standalone)
+  # A readable run dir name that every rank agrees on (a SLURM job names its own).
+  [[ -n ${SLURM_JOB_ID:-} ]] || export DGXTRAIN_RUN_ID=${DGXTRAIN_RUN_ID:-$(date +%Y-%m-%d_%H-%M-%S)}
+fi
+# shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of options
+exec "$PY" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$nproc" ${TORCHRUN_ARGS:-} \
+  -m dgxtrain "$@"

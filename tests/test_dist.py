@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from dgxtrain import dist
-from dgxtrain.dist import DistEnv, DistEnvError, first_host
+from dgxtrain import dist, slurm
+from dgxtrain.dist import DistEnv, DistEnvError
 
 TORCHRUN = dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="node1",
                 MASTER_PORT="29400")
 SRUN = dict(SLURM_STEP_ID="0", SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_LOCALID="5",
-            SLURM_JOB_NODELIST="dgx[07-08]", SLURM_JOB_ID="4242")
+            SLURM_JOB_NODELIST="dgx[07-08]", SLURM_NNODES="2", SLURM_JOB_ID="4242")
 
 
 def _set(monkeypatch, env):
@@ -33,10 +33,22 @@ def test_torchrun_environment(monkeypatch):
 
 def test_srun_environment_uses_first_node_and_job_port(monkeypatch):
     _set(monkeypatch, SRUN)
+    asked = []
+    monkeypatch.setattr(slurm, "_scontrol", lambda *a: asked.append(a) or
+                        "NodeName=dgx07 Arch=x86_64 NodeAddr=10.1.0.7 NodeHostName=dgx07")
     env = DistEnv.from_env("cpu")
     assert (env.rank, env.local_rank, env.world_size, env.launcher) == (5, 5, 16, "slurm")
-    assert env.master_addr == "dgx07"
+    assert env.master_addr == "10.1.0.7" and asked == [("show", "node", "-o", "dgx07")]
     assert env.master_port == 15000 + 4242 % 20000
+
+
+def test_srun_tasks_of_the_batch_script_meet_where_it_says(monkeypatch):
+    # slurm/train.sbatch exports MASTER_ADDR/PORT for srun tasks: that is not half a torchrun.
+    _set(monkeypatch, {**SRUN, "MASTER_ADDR": "10.1.0.7", "MASTER_PORT": "17000"})
+    monkeypatch.setattr(slurm, "_scontrol", lambda *a: pytest.fail("asked scontrol"))
+    env = DistEnv.from_env("cpu")
+    assert (env.launcher, env.rank, env.master_addr, env.master_port) == (
+        "slurm", 5, "10.1.0.7", 17000)
 
 
 def test_torchrun_inside_srun_wins(monkeypatch):
@@ -61,12 +73,6 @@ def test_half_set_srun_environment_is_an_error(monkeypatch):
     _set(monkeypatch, {k: v for k, v in SRUN.items() if k != "SLURM_LOCALID"})
     with pytest.raises(DistEnvError, match="SLURM_LOCALID"):
         DistEnv.from_env("cpu")
-
-
-@pytest.mark.parametrize("nodes,first", [("dgx07", "dgx07"), ("dgx[07-08]", "dgx07"),
-                                         ("gpu[3,5-9],cpu1", "gpu3"), ("a-b-1,a-b-2", "a-b-1")])
-def test_first_host(nodes, first):
-    assert first_host(nodes) == first
 
 
 def test_run_id_is_shared_or_refused(monkeypatch):

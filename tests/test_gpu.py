@@ -48,7 +48,8 @@ def test_training_step_syncs_once_for_the_finite_check():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for b in batches[1:]:
-                loss, norm, applied = train_step(model, opt, sched, data, b, autocast, 1.0)
+                loss, norm, applied, _ = train_step(model, opt, sched, data, b, autocast,
+                                                    1.0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]

@@ -11,6 +11,7 @@ STATE=${DGXTRAIN_SLURM_DIR:-/tmp/dgxtrain-slurm}
 CONF=$STATE/slurm.conf
 NODES=(node1 node2)
 CPUS=${DGXTRAIN_SLURM_CPUS:-2}   # per node; both nodes share this machine's cores
+GPUS=8                           # per node, stand-ins (see write_conf)
 say() { echo "[cluster] $*" >&2; }
 
 install() {
@@ -54,13 +55,20 @@ write_conf() {
     echo "KillWait=10"
     echo "JobRequeue=1"
     echo "MaxJobCount=1000"
+    # Stand-in GPUs (empty device files): jobs written for DGX nodes (--gpus-per-node=8)
+    # run unchanged; their processes find no CUDA device and train on the CPU.
+    echo "GresTypes=gpu"
     local port=16818
     for n in "${NODES[@]}"; do
-      echo "NodeName=$n NodeHostname=localhost NodeAddr=127.0.0.1 Port=$port CPUs=$CPUS RealMemory=2048 State=UNKNOWN"
+      echo "NodeName=$n NodeHostname=localhost NodeAddr=127.0.0.1 Port=$port CPUs=$CPUS RealMemory=2048 Gres=gpu:$GPUS State=UNKNOWN"
       port=$((port + 1))
     done
     echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
   } >"$CONF"
+  # slurmd drops GPUs that have no device file: empty files stand in for /dev/nvidia*.
+  mkdir -p "$STATE/dev"; for i in $(seq 0 $((GPUS - 1))); do : >"$STATE/dev/gpu$i"; done
+  printf "AutoDetect=off\nNodeName=%s Name=gpu File=%s\n" "$(IFS=,; echo "${NODES[*]}")" \
+    "$STATE/dev/gpu[0-$((GPUS - 1))]" >"$STATE/gres.conf"
 }
 
 running() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -68,6 +76,7 @@ running() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 up() {
   install
   write_conf
+  export SLURM_CONF=$CONF  # the daemons find gres.conf next to it
   if ! running "$STATE/run/munged.pid"; then
     munged --force --socket="$STATE/munge/munge.sock" --key-file="$STATE/munge/munge.key" \
       --pid-file="$STATE/run/munged.pid" --log-file="$STATE/log/munged.log" \
@@ -77,7 +86,6 @@ up() {
   for n in "${NODES[@]}"; do
     running "$STATE/run/slurmd-$n.pid" || slurmd -f "$CONF" -N "$n"
   done
-  export SLURM_CONF=$CONF
   for _ in $(seq 60); do
     if [[ $(sinfo -h -N -o '%T' 2>/dev/null | grep -c idle) -ge ${#NODES[@]} ]]; then
       say "up: ${NODES[*]} idle (SLURM_CONF=$CONF)"; return 0

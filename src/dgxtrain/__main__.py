@@ -12,8 +12,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dgxtrain import config, dist
+from dgxtrain import config, dist, preempt
 from dgxtrain.checkpoint import CheckpointError
+from dgxtrain.preempt import Requeue
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXIT_CONFIG_ERROR = 2
@@ -26,23 +27,34 @@ config.register_resolvers()
 @contextlib.contextmanager
 def _exit_codes() -> Iterator[None]:
     """A bad setting becomes one line, printed by rank 0 only, and a distinct exit code."""
+    main = dist.env_rank() == 0
     try:
         yield
+    except Requeue as e:
+        if main:
+            logging.getLogger("dgxtrain").warning("%s", e)
+            preempt.report_exit("requeue", detail=str(e))
+        sys.exit(preempt.EXIT_REQUEUE)
     except CheckpointError as e:
-        if dist.env_rank() == 0:
+        if main:
             sys.stderr.write(f"dgxtrain: checkpoint error: {e}\n")
+            preempt.report_exit("checkpoint_error", detail=str(e))
         sys.exit(EXIT_CONFIG_ERROR)
     except FloatingPointError as e:
-        if dist.env_rank() == 0:
+        if main:
             logging.getLogger("dgxtrain").error("%s", e)
+            preempt.report_exit("non_finite", detail=str(e))
         sys.exit(EXIT_NON_FINITE)
     except Exception as e:
         line = config.describe_error(e)
         if line is None:
             raise
-        if dist.env_rank() == 0:
+        if main:
             sys.stderr.write(f"dgxtrain: config error: {line}\n")
+            preempt.report_exit("config_error", detail=line)
         sys.exit(EXIT_CONFIG_ERROR)
+    if main:
+        preempt.report_exit("done")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

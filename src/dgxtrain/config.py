@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,18 @@ class DistConfig:
 
 
 @dataclass
+class PreemptionConfig:
+    signals: list[str] = field(default_factory=lambda: ["USR1", "USR2"])
+    """Signals that ask the run to checkpoint at the next step and exit for requeue (75).
+    Add TERM where the scheduler sends SIGTERM with a grace period and nothing else."""
+    deadline_margin_s: float = 120.0
+    """Stop for requeue when the job's end time (DGXTRAIN_JOB_END_TIME, set by the batch
+    script) is nearer than one step + one checkpoint (both measured) + this margin."""
+    poll_s: float = 1.0
+    """How often rank 0 looks at the stop file and the clock."""
+
+
+@dataclass
 class FaultConfig:
     """Fault injection for tests and drills; each fault fires once per run dir."""
 
@@ -139,6 +152,8 @@ class FaultConfig:
     """The loss of this step is NaN."""
     enospc_at_step: int = 0
     """Writing the checkpoint of this step fails with ENOSPC (disk full)."""
+    step_delay_s: float = 0.0
+    """Every step takes this much longer (a slow job, for preemption and deadline drills)."""
     rank: int = 0
     """The rank the fault hits; -1 = every rank."""
 
@@ -160,6 +175,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     logger: Any = MISSING
 
@@ -250,6 +266,17 @@ def validate(cfg: DictConfig, world_size: int, cuda_available: bool) -> RunSpec:
     for key in ("timeout_s", "init_timeout_s"):
         _require(cfg, f"dist.{key}", cfg.dist[key] > 0, "must be positive",
                  f"set dist.{key} to a number of seconds > 0")
+    p = cfg.preemption
+    for name in p.signals:
+        _require(cfg, "preemption.signals", f"SIG{name}" in signal.Signals.__members__
+                 and name not in ("KILL", "STOP"), f"{name} is not a signal that can be caught",
+                 "list names without SIG, e.g. preemption.signals=[USR1,USR2]")
+    _require(cfg, "preemption.deadline_margin_s", p.deadline_margin_s >= 0,
+             "must not be negative", "set preemption.deadline_margin_s to seconds >= 0")
+    _require(cfg, "preemption.poll_s", p.poll_s > 0, "must be positive",
+             "set preemption.poll_s to seconds > 0, e.g. 1")
+    _require(cfg, "fault.step_delay_s", cfg.fault.step_delay_s >= 0, "must not be negative",
+             "set fault.step_delay_s >= 0 (0 = off)")
     _require(cfg, "trainer.precision", t.precision in ("fp32", "bf16"),
              "unknown precision", "use trainer.precision=fp32 or trainer.precision=bf16")
 

@@ -14,7 +14,6 @@ import datetime
 import functools
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
+
+from dgxtrain import slurm
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ def _missing(names: tuple[str, ...]) -> list[str]:
 def _read_launcher() -> tuple[str, int, int, int, str, int]:
     env = os.environ
     missing = _missing(TORCHRUN_VARS)
-    if len(missing) < len(TORCHRUN_VARS):
+    # MASTER_ADDR/PORT alone are no torchrun: the batch script exports them for srun tasks.
+    if any(env.get(n) for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         if missing:
             raise DistEnvError(
                 f"half-set torchrun environment: {', '.join(missing)} unset while "
@@ -83,25 +85,19 @@ def _read_launcher() -> tuple[str, int, int, int, str, int]:
                                "srun --ntasks-per-node=<GPUs>, or use torchrun")
         world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
         nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-        # The port is derived from the job id so that two jobs on one node do not collide.
-        port = int(env.get("MASTER_PORT") or 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-        return ("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), world,
-                env.get("MASTER_ADDR") or first_host(nodes), port)
+        num_nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        try:
+            addr = env.get("MASTER_ADDR") or slurm.head_address(nodes, num_nodes)
+        except slurm.SlurmError as e:
+            raise DistEnvError(str(e)) from None
+        port = int(env.get("MASTER_PORT") or slurm.rendezvous_port(env.get("SLURM_JOB_ID", 0)))
+        return ("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), world, addr, port)
     return ("single", 0, 0, 1, "127.0.0.1", 0)
 
 
 def world_size_from_env() -> int:
     """The number of ranks the launcher started (1 without one); checks the environment."""
     return _read_launcher()[3]
-
-
-def first_host(nodelist: str) -> str:
-    """First host of a SLURM hostlist: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise DistEnvError(f"cannot parse SLURM nodelist {nodelist!r}; fix: set MASTER_ADDR")
-    prefix, ranges = m.groups()
-    return prefix + (re.split(r"[-,]", ranges)[0] if ranges else "")
 
 
 def _pick_device(pref: str, local_rank: int, launcher: str) -> torch.device:
@@ -129,10 +125,8 @@ def shared_run_id() -> str:
     env = os.environ
     if env.get("DGXTRAIN_RUN_ID"):
         return env["DGXTRAIN_RUN_ID"]
-    if env.get("SLURM_ARRAY_JOB_ID"):
-        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
-    if env.get("SLURM_JOB_ID"):  # stable across requeues, the same on every node
-        return f"slurm-{env['SLURM_JOB_ID']}"
+    if slurm.run_id(env):  # stable across requeues, the same on every node
+        return slurm.run_id(env)
     if env.get("TORCHELASTIC_RUN_ID", "none") != "none":  # torchrun --standalone / --rdzv-id
         return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
     if world_size_from_env() > 1:

@@ -30,6 +30,7 @@ class Faults:
         hits_me = cfg.rank in (-1, rank)
         self.at = {name: int(cfg[name]) if hits_me else 0 for name in self.NAMES}
         self.rank, self.dir = rank, run_dir / "faults"
+        self.step_delay_s = float(cfg.step_delay_s)  # every rank: the whole job is slower
 
     def _fires(self, name: str, step: int) -> bool:
         if step != self.at[name] or not step:
@@ -47,6 +48,8 @@ class Faults:
 
     def before_step(self, step: int) -> None:
         """`step` is the step about to run (1-based)."""
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         if self._fires("crash_at_step", step):
             logging.shutdown()
             os._exit(EXIT_INJECTED_CRASH)

@@ -10,10 +10,12 @@ import functools
 import gc
 import logging
 import math
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from dgxtrain.evaluate import evaluate
 from dgxtrain.faults import Watchdog
 from dgxtrain.job import Job, build_job, describe, distribute, resume, save_checkpoint
 from dgxtrain.metrics import StepMeter, param_sha256
+from dgxtrain.preempt import Requeue, StopRequests, control_dir, job_end_time
 from dgxtrain.tracking import NullTracker, build_tracker
 
 log = logging.getLogger(__name__)
@@ -49,13 +52,20 @@ class TrainState:
             setattr(self, k, v)
 
 
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # this rank's, on the device
+    grad_norm: torch.Tensor
+    applied: bool  # the update was finite on every rank, and taken
+    stop: bool  # some rank asked to stop after this step
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, dataset: Any,
                micro_batches: torch.Tensor, autocast: Callable, grad_clip: float,
                poison: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
-               ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+               stop: torch.Tensor | None = None) -> StepResult:
     """Forward/backward each micro-batch, clip, and step if the step is finite on every
-    rank. Returns (loss, grad norm) as device tensors, and whether the update was applied."""
+    rank. `stop` (0 or 1, on the device) is this rank's wish to stop after this step."""
     accum = micro_batches.shape[0]
     loss_sum = None
     for i, idx in enumerate(micro_batches):
@@ -70,16 +80,18 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                grad_clip if grad_clip > 0 else math.inf)
-    # Every rank must take the same decision: the loss flag is summed over ranks (the
+    # Every rank must take the same decisions: the flags are summed over ranks (the
     # gradients are all-reduced already). The step's one host sync, before any update.
-    bad = all_reduce_(torch.stack([~torch.isfinite(loss_sum), ~torch.isfinite(grad_norm)])
-                      .float())
-    applied = not bad.any().item()
+    flags = torch.stack([~torch.isfinite(loss_sum), ~torch.isfinite(grad_norm)]).float()
+    if stop is not None:
+        flags = torch.cat([flags, stop.reshape(1)])
+    flags = all_reduce_(flags).tolist()
+    applied = not (flags[0] or flags[1])
     if applied:
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, applied
+    return StepResult(loss_sum, grad_norm, applied, len(flags) > 2 and flags[2] > 0)
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
@@ -91,7 +103,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         from hydra.core.hydra_config import HydraConfig
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     logs.setup_logging(env.rank, run_dir)
-    with Watchdog(run_dir, env.rank) as watchdog:
+    p = cfg.preemption
+    stops = StopRequests(list(p.signals), control_dir(run_dir) / "stop", job_end_time(),
+                         p.deadline_margin_s, p.poll_s, leader=env.is_main)
+    with Watchdog(run_dir, env.rank) as watchdog, stops:
         watchdog.arm(cfg.dist.init_timeout_s)
         if env.device.type == "cuda":
             torch.cuda.set_device(env.device)  # before any allocation: one context per GPU
@@ -102,7 +117,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         # Collectives get more time than the watchdog, so a hang ends with stacks written.
         with process_group(env, timeout_s=cfg.dist.init_timeout_s + 60):
             try:
-                state, summary = _run(job, run_dir)
+                state, summary = _run(job, run_dir, stops)
             finally:
                 # DDP's reducer holds the process group. Freed later, its destructor would
                 # join gloo's threads with the GIL held and can deadlock: free it now.
@@ -117,10 +132,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             f"{state.consecutive_skips} non-finite steps in a row (trainer.max_skipped="
             f"{cfg.trainer.max_skipped}), up to step {state.step}; fix: lower optim.lr or set "
             "trainer.grad_clip")
+    if state.stop_reason == "requeue":
+        why = stops.reason or "another rank asked"
+        raise Requeue(f"stopped after step {state.step} with a checkpoint ({why}); requeue "
+                      "the job to continue from there")
     return summary
 
 
-def _run(job: Job, run_dir: Path) -> tuple[TrainState, dict[str, Any]]:
+def _run(job: Job, run_dir: Path, stops: StopRequests) -> tuple[TrainState, dict[str, Any]]:
     """Inside the process group: resume, distribute, loop, write the outputs."""
     cfg, env = job.cfg, job.env
     derived = describe(job)
@@ -136,13 +155,16 @@ def _run(job: Job, run_dir: Path) -> tuple[TrainState, dict[str, Any]]:
              "and ends the job)", run_dir, cfg.dist.timeout_s)
     log.info("start: %s", " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in derived.items()))
-    summary = run_loop(job, state, tracker)
+    summary = run_loop(job, state, tracker, stops)
+    if state.stop_reason == "requeue":  # not the end of the run: no final outputs yet
+        return state, summary
     tracker.save_model(job.model)
     tracker.finish(summary)
     return state, summary
 
 
-def run_loop(job: Job, state: TrainState, tracker: NullTracker) -> dict[str, Any]:
+def run_loop(job: Job, state: TrainState, tracker: NullTracker,
+             stops: StopRequests | None = None) -> dict[str, Any]:
     """Step until done; log, evaluate, checkpoint and stop on schedule. Returns the summary."""
     # Plain dataclasses, not DictConfig: each lookup of those costs ~10 us, every step.
     t, timeouts = OmegaConf.to_object(job.cfg.trainer), OmegaConf.to_object(job.cfg.dist)
@@ -151,16 +173,24 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker) -> dict[str, Any
     first_step, last = state.step, {}
     evaluate_now = functools.partial(evaluate, job.model, job.dataset, env, t.eval_batch_size,
                                      job.autocast)
+    # For the deadline: recent step times (the first, compiling one excluded), last save's.
+    step_times: deque[float] = deque(maxlen=20)
+    checkpoint_s, asked, stop_wish = 0.0, False, torch.zeros((), device=env.device)
     while state.step < t.max_steps and not state.stop_reason:
-        step = state.step + 1
+        step, started = state.step + 1, time.monotonic()
+        if stops and not asked and stops.poll(max(step_times, default=0.0), checkpoint_s):
+            stop_wish.fill_(1.0)  # shared in the step's all-reduce
+            asked = True
         job.faults.before_step(step)
         # The first step may compile or warm up allocators: it gets the start-up budget.
         job.watchdog.arm(timeouts.timeout_s if step > first_step + 1
                          else timeouts.init_timeout_s)
         lr = job.optimizer.param_groups[0]["lr"]
-        loss, grad_norm, applied = train_step(
+        loss, grad_norm, applied, stop = train_step(
             job.wrapped, job.optimizer, job.scheduler, job.dataset, job.schedule(state.step),
-            job.autocast, t.grad_clip, functools.partial(job.faults.poison, step=step))
+            job.autocast, t.grad_clip, functools.partial(job.faults.poison, step=step), stop_wish)
+        if step > first_step + 1:
+            step_times.append(time.monotonic() - started)
         if not applied:
             state.skipped_steps += 1
             state.consecutive_skips += 1
@@ -175,16 +205,29 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker) -> dict[str, Any
         state.step = step
         state.samples_seen += spec.global_batch_size
         done = state.step == t.max_steps
-        if state.step % t.log_every == 0 or done:
+        if stop and not done and not state.stop_reason:
+            why = stops.reason if stops else ""
+            # The rank that asked says why; the others follow quietly.
+            (log.warning if why else log.info)("stopping after step %d for a requeue: %s",
+                                               step, why or "another rank asked")
+            state.stop_reason = "requeue"
+        if state.step % t.log_every == 0 or done or state.stop_reason == "requeue":
             stats = all_reduce_(torch.stack([loss, grad_norm.float()]), mean=True).tolist()
             last = {"loss": stats[0], "lr": lr, "grad_norm": stats[1],
                     "skipped_steps": state.skipped_steps, **meter.tick(state.step)}
             tracker.log_metrics(state.step, last)
-        if t.eval_every and state.step % t.eval_every == 0 and not done:
+        if t.eval_every and state.step % t.eval_every == 0 and not done and not state.stop_reason:
             job.watchdog.arm(timeouts.init_timeout_s)
             tracker.log_metrics(state.step, evaluate_now())
-        if (done or (every and state.step % every == 0)) and not state.stop_reason:
+        if ((done or (every and state.step % every == 0)) and not state.stop_reason
+                or state.stop_reason == "requeue"):
+            began = time.monotonic()
             save_checkpoint(job, state.step, state.state_dict(), tracker)
+            checkpoint_s = time.monotonic() - began
+    if stops and (asked or state.stop_reason == "requeue"):
+        stops.consume()  # honoured (or overtaken by the end): not again in this run dir
+    if state.stop_reason == "requeue":
+        return {"steps": state.step, "stop_reason": state.stop_reason}
     job.watchdog.arm(timeouts.init_timeout_s)
     state.stop_reason = state.stop_reason or "max_steps"
     train_time = meter.elapsed()

@@ -1,0 +1,108 @@
+"""Stopping early to be requeued: a preemption signal, a stop file, or the job's deadline.
+
+A signal handler only records the request. The loop polls once per step; every rank's
+answer rides in the step's one all-reduce, so all ranks stop after the same step, write
+one checkpoint together and exit with EXIT_REQUEUE. The stop file is the way through
+torchrun, which forwards only some signals to its workers: the batch shell traps the
+warning signal and touches <control dir>/stop, and rank 0 sees it within `poll_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+EXIT_REQUEUE = 75  # EX_TEMPFAIL, "try again later": checkpoint written, requeue to continue
+
+
+class Requeue(Exception):
+    """The run stopped early with a checkpoint written; requeue the job to continue."""
+
+
+def deadline_near(now: float, end: float | None, step_s: float, checkpoint_s: float,
+                  margin_s: float) -> bool:
+    """True when one more step plus a checkpoint plus the margin no longer fits before `end`."""
+    return end is not None and end - now < step_s + checkpoint_s + margin_s
+
+
+def control_dir(run_dir: Path, env: Mapping[str, str] = os.environ) -> Path:
+    """Where the stop file and the exit report live: the batch script's choice, else the run's."""
+    return Path(env["DGXTRAIN_CONTROL_DIR"]) if env.get("DGXTRAIN_CONTROL_DIR") else (
+        run_dir / "control")
+
+
+def job_end_time(env: Mapping[str, str] = os.environ) -> float | None:
+    value = env.get("DGXTRAIN_JOB_END_TIME")
+    return float(value) if value else None
+
+
+def report_exit(status: str, **info: Any) -> None:
+    """Tell the batch shell how the run ended (done, requeue, or a failure not worth retrying).
+
+    Written by rank 0 only where the batch script asked for it (DGXTRAIN_CONTROL_DIR), since
+    torchrun turns every worker failure into its own exit status 1.
+    """
+    directory = os.environ.get("DGXTRAIN_CONTROL_DIR")
+    if not directory:
+        return
+    path = Path(directory) / "exit.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"status": status, **info}) + "\n")
+    os.replace(tmp, path)
+
+
+class StopRequests:
+    """Why this rank wants to stop early, if it does: polled once per step, cheaply."""
+
+    def __init__(self, signals: list[str], stop_file: Path, end_time: float | None,
+                 margin_s: float, poll_s: float, leader: bool):
+        self.signals = [signal.Signals[f"SIG{name}"] for name in signals]
+        # Only rank 0 reads the file system and the clock: the all-reduce shares its answer.
+        self.stop_file, self.end_time = (stop_file, end_time) if leader else (None, None)
+        self.margin_s, self.poll_s = margin_s, poll_s
+        self.reason = ""
+        self._previous: dict[signal.Signals, Any] = {}
+        self._next_poll = 0.0
+
+    def __enter__(self) -> StopRequests:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Async-signal context: record only. The loop acts at the next step boundary.
+        self.reason = self.reason or f"signal {signal.Signals(signum).name}"
+
+    def poll(self, step_s: float, checkpoint_s: float) -> str:
+        """A reason to stop after the coming step, or ''."""
+        now = time.monotonic()
+        if self.reason or now < self._next_poll:
+            return self.reason
+        self._next_poll = now + self.poll_s
+        if self.stop_file is not None and self.stop_file.exists():
+            note = self.stop_file.read_text().strip()
+            self.reason = f"stop file {self.stop_file}" + (f" ({note})" if note else "")
+        elif deadline_near(time.time(), self.end_time, step_s, checkpoint_s, self.margin_s):
+            left = self.end_time - time.time() if self.end_time else 0.0
+            self.reason = (f"deadline: {left:.0f} s left, a step takes {step_s:.2f} s, a "
+                           f"checkpoint {checkpoint_s:.1f} s, margin {self.margin_s:g} s")
+        return self.reason
+
+    def consume(self) -> None:
+        """The request was honoured: a later run in this dir must not stop for it again."""
+        if self.stop_file is not None:
+            self.stop_file.unlink(missing_ok=True)

@@ -1,0 +1,224 @@
+"""slurm/train.sbatch against a real SLURM cluster on this machine (slurm/local/cluster.sh):
+one node and two, torchrun and srun, preemption, the deadline, failures, Hydra sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, clean_env, read_metrics, run_ok
+
+pytestmark = pytest.mark.slurm
+
+STATE = Path(os.environ.get("DGXTRAIN_SLURM_DIR", "/tmp/dgxtrain-slurm"))
+SLURM_CONF = str(STATE / "slurm.conf")
+# One config for every job here, so that each compares with one local torchrun run. The
+# step delay (a drill knob) makes jobs slow enough to interrupt; it changes no number.
+BASE = ["data.dim=16", "model.hidden_dim=32", "trainer.global_batch_size=64",
+        "trainer.max_steps=200", "trainer.warmup_steps=0", "trainer.log_every=5",
+        "checkpoint.every_steps=25", "data.eval_samples=256"]
+DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+               "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _cluster_problem() -> str | None:
+    if not shutil.which("sbatch"):
+        return "SLURM is not installed (run slurm/local/cluster.sh up as root)"
+    if not Path(SLURM_CONF).exists():
+        return f"no local cluster at {STATE} (run slurm/local/cluster.sh up as root)"
+    p = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env={**os.environ,
+                       "SLURM_CONF": SLURM_CONF}, capture_output=True, text=True, timeout=30)
+    idle = [s for s in p.stdout.split() if s in ("idle", "mixed", "allocated")]
+    if p.returncode != 0 or len(idle) < 2:
+        return f"the local cluster is not up ({p.stdout.strip() or p.stderr.strip()})"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> None:
+    problem = _cluster_problem()
+    if problem and os.environ.get("DGXTRAIN_REQUIRE_SLURM") == "1":
+        pytest.fail(f"SLURM tests must run here (DGXTRAIN_REQUIRE_SLURM=1): {problem}")
+    if problem:
+        pytest.skip(problem)
+
+
+def slurm_env(**extra: str) -> dict[str, str]:
+    return clean_env(SLURM_CONF=SLURM_CONF, DGXTRAIN_PYTHON=sys.executable, **extra)
+
+
+def scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], env=slurm_env(), capture_output=True,
+                          text=True, timeout=30).stdout
+
+
+def job(jid: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S*)", scontrol("show", "job", "-o", jid)))
+
+
+def submit(out: Path, overrides: list[str], sbatch_args: tuple[str, ...] = (),
+           **env: str) -> str:
+    """sbatch slurm/train.sbatch from the repo root, run dirs and log under `out`."""
+    p = subprocess.run(
+        ["sbatch", "--parsable", "--time=10", f"--output={out}/slurm-%j.out", *sbatch_args,
+         "slurm/train.sbatch", *BASE, *overrides],
+        cwd=ROOT, env=slurm_env(DGXTRAIN_OUTPUT_ROOT=str(out), **env), capture_output=True,
+        text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def log_of(out: Path, jid: str) -> str:
+    path = out / f"slurm-{jid}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def wait_job(out: Path, jid: str, timeout: float = 240) -> dict[str, str]:
+    """Wait for the job to end. SLURM holds a requeued job for about two minutes before it
+    may start again; here it is released at once (scontrol update StartTime=now)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        info = job(jid)
+        if info.get("JobState") in DONE_STATES:
+            return info
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            scontrol("update", f"JobId={jid}", "StartTime=now")
+        time.sleep(1)
+    scontrol("requeuehold", jid)  # hold it: nothing runs on after the test
+    subprocess.run(["scancel", jid], env=slurm_env(), timeout=30)
+    pytest.fail(f"job {jid} did not end in {timeout} s: {job(jid)}\n{log_of(out, jid)[-4000:]}")
+
+
+def wait_for(path: Path, out: Path, jid: str, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > end or job(jid).get("JobState") in DONE_STATES:
+            pytest.fail(f"{path} never appeared: {job(jid)}\n{log_of(out, jid)[-4000:]}")
+        time.sleep(0.5)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def assert_same_params(run_dir: Path, ref: Path, rtol: float = 1e-5) -> None:
+    a = torch.load(run_dir / "model.pt", weights_only=True)
+    b = torch.load(ref / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=1e-7)
+
+
+def assert_one_continuous_run(run_dir: Path) -> None:
+    steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
+    assert steps == sorted(set(steps)) and steps[-1] == 200, steps
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The same config under a local `torchrun --standalone` with 2 CPU ranks."""
+    d = tmp_path_factory.mktemp("torchrun")
+    run_ok(d, BASE, nproc=2)
+    return d
+
+
+def test_one_node_matches_local_torchrun(tmp_path, reference):
+    jid = submit(tmp_path, [])
+    info = wait_job(tmp_path, jid)
+    log = log_of(tmp_path, jid)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), log[-3000:]
+    run_dir = tmp_path / f"slurm-{jid}"  # keyed by the job id
+    s = summary(run_dir)
+    assert (s["world_size"], s["steps"]) == (2, 200)
+    assert s["param_sha256"] == summary(reference)["param_sha256"]
+    assert json.loads((run_dir / "control" / "exit.json").read_text())["status"] == "done"
+    port = 15000 + int(jid) % 20000
+    assert f"rendezvous 127.0.0.1:{port}" in log
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_two_nodes_form_one_world(tmp_path, reference, launcher):
+    # 2 nodes x 1 rank: one world of 2, the same numbers as 1 node x 2 ranks.
+    jid = submit(tmp_path, [], ("--nodes=2",), NPROC="1", DGXTRAIN_LAUNCHER=launcher)
+    info = wait_job(tmp_path, jid)
+    log = log_of(tmp_path, jid)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert info["NodeList"] == "node[1-2]"
+    run_dir = tmp_path / f"slurm-{jid}"
+    s = summary(run_dir)
+    assert s["world_size"] == 2
+    assert f"launcher {launcher if launcher == 'torchrun' else 'slurm'}" in log
+    assert_same_params(run_dir, reference)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, reference):
+    jid = submit(tmp_path, ["fault.step_delay_s=0.1"])  # about 20 s of steps
+    run_dir = tmp_path / f"slurm-{jid}"
+    wait_for(run_dir / "checkpoints" / "step-25", tmp_path, jid)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm_env(), check=True,
+                   timeout=30)
+    info = wait_job(tmp_path, jid)
+    log = log_of(tmp_path, jid)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log[-4000:]
+    assert "got SIGUSR1" in log and "attempt 1" in log
+    stopped = int(re.search(r"stopping after step (\d+) for a requeue", log).group(1))
+    s = summary(run_dir)
+    assert 25 <= stopped < 200 and s["resumed_from_step"] == stopped
+    assert s["param_sha256"] == summary(reference)["param_sha256"]
+    assert_one_continuous_run(run_dir)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [run_dir.name]
+
+
+def test_deadline_stops_for_requeue_without_a_signal(tmp_path, reference):
+    # A 120 s limit less an 80 s margin leaves about 40 s, start-up included, for 200 steps
+    # of 0.2 s: the first attempt cannot finish. The warning signal is moved to 5 s before
+    # the end (SLURM may send it up to 60 s early: still after the trainer's own stop).
+    jid = submit(tmp_path, ["fault.step_delay_s=0.2", "preemption.deadline_margin_s=80"],
+                 ("--time=2", "--signal=B:USR1@5"))
+    info = wait_job(tmp_path, jid, timeout=300)
+    log = log_of(tmp_path, jid)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log[-4000:]
+    first = log.split("attempt 1")[0]
+    assert "for a requeue: deadline" in first and "got SIGUSR1" not in first
+    s = summary(tmp_path / f"slurm-{jid}")
+    assert 0 < s["resumed_from_step"] < 200
+    assert s["param_sha256"] == summary(reference)["param_sha256"]
+
+
+def test_failure_without_retries_left_fails_and_is_not_requeued(tmp_path):
+    jid = submit(tmp_path, ["fault.crash_at_step=3"], DGXTRAIN_MAX_FAILURES="0")
+    info = wait_job(tmp_path, jid)
+    log = log_of(tmp_path, jid)
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), log[-3000:]
+    assert "not requeued" in log
+    assert not (tmp_path / f"slurm-{jid}" / "summary.json").exists()
+
+
+def test_failure_is_retried_once_and_resumes(tmp_path, reference):
+    # The injected crash fires once per run dir: the retry resumes and finishes.
+    jid = submit(tmp_path, ["fault.crash_at_step=60"])
+    info = wait_job(tmp_path, jid)
+    log = log_of(tmp_path, jid)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log[-4000:]
+    assert "failure 1 of 1 allowed" in log
+    s = summary(tmp_path / f"slurm-{jid}")
+    assert s["resumed_from_step"] == 50
+    assert s["param_sha256"] == summary(reference)["param_sha256"]
+
+
+def test_config_error_is_never_retried(tmp_path):
+    jid = submit(tmp_path, ["trainer.max_steps=0"])
+    info = wait_job(tmp_path, jid)
+    log = log_of(tmp_path, jid)
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), log[-3000:]
+    assert "dgxtrain: config error: trainer.max_steps=0" in log
+    assert "not retried: config_error" in log
