@@ -222,3 +222,51 @@ def test_config_error_is_never_retried(tmp_path):
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), log[-3000:]
     assert "dgxtrain: config error: trainer.max_steps=0" in log
     assert "not retried: config_error" in log
+
+
+def test_hydra_sweep_submits_one_job_per_point_and_survives_preemption(tmp_path, reference):
+    """Two points through hydra-submitit-launcher (conf/hydra/launcher/dgx.yaml), 2 srun
+    tasks each. Point 1 is preempted (SIGUSR2, as submitit's time warning): it checkpoints,
+    submitit requeues it, and it resumes in its own run dir."""
+    args = [sys.executable, "-m", "dgxtrain", "-m", "hydra/launcher=dgx",
+            "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10",
+            "optim.lr=1e-3,3e-3", *BASE, "fault.step_delay_s=0.05"]
+    with subprocess.Popen(args, cwd=ROOT, env=slurm_env(DGXTRAIN_OUTPUT_ROOT=str(tmp_path)),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        try:
+            sweep = _wait_for_glob(tmp_path, "*/1/checkpoints/step-25", p).parents[2]
+            task = next(d.name for d in (sweep / ".submitit").iterdir()
+                        if re.fullmatch(r"\d+_1", d.name))
+            subprocess.run(["scancel", "--signal=USR2", task], env=slurm_env(), check=True,
+                           timeout=30)
+            end = time.monotonic() + 240
+            while p.poll() is None and time.monotonic() < end:
+                info = job(task)
+                if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+                    scontrol("update", f"JobId={task}", "StartTime=now")
+                time.sleep(1)
+            out = p.communicate(timeout=10)[0]
+        finally:
+            if p.poll() is None:
+                p.kill()
+                subprocess.run(["scancel", task.split("_")[0]], env=slurm_env(), timeout=30)
+    assert p.returncode == 0, out[-4000:]
+    points = [summary(sweep / str(i)) for i in (0, 1)]
+    assert [s["world_size"] for s in points] == [2, 2]
+    assert [s["steps"] for s in points] == [200, 200]
+    assert points[0]["param_sha256"] == summary(reference)["param_sha256"]  # lr=1e-3 = BASE's
+    assert points[1]["param_sha256"] != points[0]["param_sha256"]
+    assert points[0]["resumed_from_step"] == 0 and points[1]["resumed_from_step"] >= 25
+    assert job(task)["Restarts"] == "1"
+    assert_one_continuous_run(sweep / "1")
+
+
+def _wait_for_glob(root: Path, pattern: str, proc: subprocess.Popen,
+                   timeout: float = 120) -> Path:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        found = sorted(root.glob(pattern))
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    pytest.fail(f"{pattern} never appeared under {root}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real SLURM cluster on this one machine, for tests and for trying the batch scripts:
 # munge, slurmctld and two slurmd "nodes" (node1, node2) on loopback ports, all state under
-# one directory.   slurm/local/cluster.sh up|down|status|env
+# one directory.   slurm/local/cluster.sh up|down|status|is-up|env
 #
 # Needs root (installs slurm-wlm and munge from the system's packages when missing). No
 # cgroups: ProctrackType=proctrack/linuxproc, TaskPlugin=task/none. Clients find it with
@@ -117,10 +117,16 @@ status() {
   SLURM_CONF=$CONF sinfo 2>/dev/null || true
 }
 
+is_up() {  # every daemon of ours running
+  running "$STATE/run/munged.pid" && running "$STATE/run/slurmctld.pid" || return 1
+  for n in "${NODES[@]}"; do running "$STATE/run/slurmd-$n.pid" || return 1; done
+}
+
 case "${1:-}" in
   up) up ;;
+  is-up) is_up ;;
   down) down ;;
   status) status ;;
   env) echo "export SLURM_CONF=$CONF" ;;
-  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|is-up|env" >&2; exit 2 ;;
 esac

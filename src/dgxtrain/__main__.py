@@ -70,6 +70,10 @@ def main() -> None:
     # Composition errors (unknown key, wrong type, missing group option) must reach
     # _exit_codes instead of Hydra's multi-line printer.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        # Sweep jobs, on SLURM too, resolve hydra.sweep.dir themselves: they must get the
+        # submitting process's run id, not their own job's (sbatch passes the environment).
+        os.environ.setdefault("DGXTRAIN_RUN_ID", dist.shared_run_id())
     with _exit_codes():
         _hydra_main()
 

@@ -70,7 +70,8 @@ class StopRequests:
         self.stop_file, self.end_time = (stop_file, end_time) if leader else (None, None)
         self.margin_s, self.poll_s = margin_s, poll_s
         self.reason = ""
-        self._previous: dict[signal.Signals, Any] = {}
+        self.fired: int | None = None
+        self._previous: dict[int, Any] = {}
         self._next_poll = 0.0
 
     def __enter__(self) -> StopRequests:
@@ -81,11 +82,21 @@ class StopRequests:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous.clear()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Async-signal context: record only. The loop acts at the next step boundary.
-        self.reason = self.reason or f"signal {signal.Signals(signum).name}"
+        if not self.reason:
+            self.reason, self.fired = f"signal {signal.Signals(signum).name}", signum
+
+    def hand_over(self) -> None:
+        """Now that the checkpoint is written, pass the signal that stopped the run on to the
+        handler that was there before ours: under hydra-submitit-launcher, submitit's, which
+        requeues the job (on rank 0) and exits."""
+        outer = self._previous.get(self.fired) if self.fired is not None else None
+        if callable(outer):
+            log.info("handing %s on to %s", signal.Signals(self.fired).name,
+                     getattr(outer, "__qualname__", outer))
+            outer(self.fired, None)
 
     def poll(self, step_s: float, checkpoint_s: float) -> str:
         """A reason to stop after the coming step, or ''."""

@@ -133,6 +133,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             f"{cfg.trainer.max_skipped}), up to step {state.step}; fix: lower optim.lr or set "
             "trainer.grad_clip")
     if state.stop_reason == "requeue":
+        stops.hand_over()
         why = stops.reason or "another rank asked"
         raise Requeue(f"stopped after step {state.step} with a checkpoint ({why}); requeue "
                       "the job to continue from there")
