@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -139,7 +140,7 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"dgxtrain: slurm error: {e}\n")
         return 2
     for k, v in exports.items():
-        print(f"export {k}={v}")
+        sys.stdout.write(f"export {k}={shlex.quote(v)}\n")  # for the shell to eval
     return 0
 
 
