@@ -60,6 +60,8 @@ BAD = [
     (["optim._target_=torch.optim.RMSprop"], "optim._target_=torch.optim.RMSprop",
      "optim.* keys"),
     (["logger.backend=tensorboard"], "logger.backend=tensorboard", "logger=none"),
+    (["preemption.signals=[SIGUSR1]"], "preemption.signals", "names without SIG"),
+    (["preemption.poll_s=0"], "preemption.poll_s", "seconds > 0"),
 ]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dgxtrain import config, dist, preempt
+from dgxtrain import config, dist, errors, preempt
 from dgxtrain.checkpoint import CheckpointError
 from dgxtrain.preempt import Requeue
 
@@ -46,7 +46,7 @@ def _exit_codes() -> Iterator[None]:
             preempt.report_exit("non_finite", detail=str(e))
         sys.exit(EXIT_NON_FINITE)
     except Exception as e:
-        line = config.describe_error(e)
+        line = errors.describe_error(e)
         if line is None:
             raise
         if main:

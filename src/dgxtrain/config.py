@@ -7,18 +7,13 @@ a typo or a wrong type fails at composition. `validate()` then checks what types
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib
 import signal
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException, MissingConfigException
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, OmegaConfBaseException,
-                              ValidationError)
 
 from dgxtrain import dist
 
@@ -268,9 +263,11 @@ def validate(cfg: DictConfig, world_size: int, cuda_available: bool) -> RunSpec:
                  f"set dist.{key} to a number of seconds > 0")
     p = cfg.preemption
     for name in p.signals:
-        _require(cfg, "preemption.signals", f"SIG{name}" in signal.Signals.__members__
-                 and name not in ("KILL", "STOP"), f"{name} is not a signal that can be caught",
-                 "list names without SIG, e.g. preemption.signals=[USR1,USR2]")
+        _require(cfg, "preemption.signals", f"SIG{name}" in signal.Signals.__members__,
+                 f"{name} is not a signal name", "list names without SIG, e.g. "
+                 "preemption.signals=[USR1,USR2]")
+        _require(cfg, "preemption.signals", name not in ("KILL", "STOP"),
+                 f"SIG{name} cannot be caught", "use USR1, USR2 or TERM")
     _require(cfg, "preemption.deadline_margin_s", p.deadline_margin_s >= 0,
              "must not be negative", "set preemption.deadline_margin_s to seconds >= 0")
     _require(cfg, "preemption.poll_s", p.poll_s > 0, "must be positive",
@@ -313,59 +310,3 @@ def validate(cfg: DictConfig, world_size: int, cuda_available: bool) -> RunSpec:
              f"use a multiple of {per_step} (e.g. {per_step * max(1, gbs // per_step)}),"
              " or change trainer.micro_batch_size")
     return RunSpec(world_size, gbs, micro, gbs // per_step)
-
-
-# --- one-line messages for Hydra / OmegaConf errors ---------------------------------
-
-
-def _valid_keys(ex: OmegaConfBaseException) -> list[str]:
-    node = getattr(ex, "parent_node", None)
-    if isinstance(node, DictConfig):
-        return [str(k) for k in node.keys() if k != "hydra"]
-    obj = getattr(ex, "object_type", None)
-    if obj is not None and dataclasses.is_dataclass(obj):
-        return [f.name for f in dataclasses.fields(obj)]
-    return []
-
-
-def _omegaconf_line(ex: OmegaConfBaseException) -> str:
-    key = ex.full_key or str(ex.key)
-    if isinstance(ex, (ConfigKeyError, ConfigAttributeError)):
-        valid = _valid_keys(ex)
-        guess = difflib.get_close_matches(str(ex.key), valid, n=1)
-        prefix = key.rpartition(".")[0]
-        name = lambda k: f"{prefix}.{k}" if prefix else k  # noqa: E731
-        fix = (f"did you mean {name(guess[0])}?" if guess
-               else f"use one of {', '.join(name(k) for k in valid)}" if valid
-               else "check the spelling against the README's config reference")
-        return f"{key}: unknown key; fix: {fix}"
-    if isinstance(ex, ValidationError):
-        problem = str(ex.msg).splitlines()[0]
-        return f"{key}={ex.value!r}: wrong type ({problem}); fix: give a value of the schema's type"
-    return f"{key}: {str(ex.msg).splitlines()[0]}"
-
-
-def describe_error(ex: BaseException) -> str | None:
-    """One line for a bad config or override, or None if `ex` is not a config error."""
-    seen: list[BaseException] = []
-    while ex is not None and ex not in seen:
-        seen.append(ex)
-        ex = ex.__cause__ or ex.__context__
-    for ex in seen:  # our own messages first, wherever Hydra wrapped them
-        if isinstance(ex, (ConfigError, dist.DistEnvError)):
-            return str(ex)
-    for ex in seen:
-        if isinstance(ex, MissingConfigException) and ex.missing_cfg_file:
-            group, _, choice = ex.missing_cfg_file.rpartition("/")
-            options = ", ".join(o for o in (ex.options or []) if not o.endswith("_schema"))
-            fix = f"choose one of {options}" if options else "check conf/ for the options"
-            if group == "model":
-                fix += ", or set model._target_ to your own nn.Module class"
-            return f"{group or 'config'}={choice}: no such config file; fix: {fix}"
-        if isinstance(ex, OmegaConfBaseException) and getattr(ex, "full_key", None):
-            return _omegaconf_line(ex)
-    first = seen[0]
-    if isinstance(first, (HydraException, OmegaConfBaseException)):
-        lines = [ln.strip() for ln in str(first).splitlines() if ln.strip()]
-        return "; ".join(lines[:2]) if lines else type(first).__name__
-    return None

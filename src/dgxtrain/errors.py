@@ -1,0 +1,68 @@
+"""One line for a bad setting: our own ConfigError, or what Hydra and OmegaConf raise
+(an unknown key, a wrong type, a missing group option), with a fix to try."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, OmegaConfBaseException,
+                              ValidationError)
+
+from dgxtrain.config import ConfigError
+from dgxtrain.dist import DistEnvError
+
+
+def _valid_keys(ex: OmegaConfBaseException) -> list[str]:
+    node = getattr(ex, "parent_node", None)
+    if isinstance(node, DictConfig):
+        return [str(k) for k in node.keys() if k != "hydra"]
+    obj = getattr(ex, "object_type", None)
+    if obj is not None and dataclasses.is_dataclass(obj):
+        return [f.name for f in dataclasses.fields(obj)]
+    return []
+
+
+def _omegaconf_line(ex: OmegaConfBaseException) -> str:
+    key = ex.full_key or str(ex.key)
+    if isinstance(ex, (ConfigKeyError, ConfigAttributeError)):
+        valid = _valid_keys(ex)
+        guess = difflib.get_close_matches(str(ex.key), valid, n=1)
+        prefix = key.rpartition(".")[0]
+        name = lambda k: f"{prefix}.{k}" if prefix else k  # noqa: E731
+        fix = (f"did you mean {name(guess[0])}?" if guess
+               else f"use one of {', '.join(name(k) for k in valid)}" if valid
+               else "check the spelling against the README's config reference")
+        return f"{key}: unknown key; fix: {fix}"
+    if isinstance(ex, ValidationError):
+        problem = str(ex.msg).splitlines()[0]
+        return f"{key}={ex.value!r}: wrong type ({problem}); fix: give a value of the schema's type"
+    return f"{key}: {str(ex.msg).splitlines()[0]}"
+
+
+def describe_error(ex: BaseException) -> str | None:
+    """One line for a bad config or override, or None if `ex` is not a config error."""
+    seen: list[BaseException] = []
+    while ex is not None and ex not in seen:
+        seen.append(ex)
+        ex = ex.__cause__ or ex.__context__
+    for ex in seen:  # our own messages first, wherever Hydra wrapped them
+        if isinstance(ex, (ConfigError, DistEnvError)):
+            return str(ex)
+    for ex in seen:
+        if isinstance(ex, MissingConfigException) and ex.missing_cfg_file:
+            group, _, choice = ex.missing_cfg_file.rpartition("/")
+            options = ", ".join(o for o in (ex.options or []) if not o.endswith("_schema"))
+            fix = f"choose one of {options}" if options else "check conf/ for the options"
+            if group == "model":
+                fix += ", or set model._target_ to your own nn.Module class"
+            return f"{group or 'config'}={choice}: no such config file; fix: {fix}"
+        if isinstance(ex, OmegaConfBaseException) and getattr(ex, "full_key", None):
+            return _omegaconf_line(ex)
+    first = seen[0]
+    if isinstance(first, (HydraException, OmegaConfBaseException)):
+        lines = [ln.strip() for ln in str(first).splitlines() if ln.strip()]
+        return "; ".join(lines[:2]) if lines else type(first).__name__
+    return None
