@@ -31,6 +31,20 @@ def test_signal_is_recorded_then_handed_to_the_handler_that_was_there(tmp_path):
         signal.signal(signal.SIGUSR1, outer)
 
 
+def test_a_stop_without_a_signal_is_handed_to_an_outer_handler_too(tmp_path):
+    # A deadline stop under submitit: its SIGUSR2 handler still requeues the job.
+    seen = []
+    outer = signal.signal(signal.SIGUSR2, lambda sig, frame: seen.append(sig))
+    try:
+        with StopRequests(["USR1", "USR2"], tmp_path / "stop", time.time(), 60.0, 1.0,
+                          leader=True) as stops:
+            assert stops.poll(0.1, 0.1).startswith("deadline: ")
+        stops.hand_over()
+        assert seen == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, outer)
+
+
 def test_stop_file_is_read_by_rank_0_only_and_consumed(tmp_path):
     stop = tmp_path / "stop"
     stop.write_text("USR1\n")

@@ -5,7 +5,7 @@ import datetime
 import pytest
 
 from dgxtrain import slurm
-from dgxtrain.preempt import deadline_near
+from dgxtrain.preempt import deadline_near, job_end_time
 
 
 @pytest.mark.parametrize("hostlist,hosts", [
@@ -78,3 +78,15 @@ def test_deadline_math(remaining, step, ckpt, margin, near):
 
 def test_no_end_time_is_never_near():
     assert not deadline_near(1e9, None, 1e6, 1e6, 1e6)
+
+
+def test_job_end_time_from_the_batch_script_else_from_one_rank_asking_slurm(monkeypatch):
+    asked = []
+    monkeypatch.setattr(slurm, "_scontrol", lambda *a: asked.append(a) or
+                        "JobId=9 EndTime=2026-11-30T03:00:00")
+    assert job_end_time(True, {"DGXTRAIN_JOB_END_TIME": "1700000000"}) == 1.7e9
+    assert job_end_time(False, {"SLURM_JOB_ID": "9"}) is None and asked == []
+    assert job_end_time(True, {"SLURM_JOB_ID": "9"}) == datetime.datetime(
+        2026, 11, 30, 3).timestamp()
+    assert asked == [("show", "job", "-o", "9")]
+    assert job_end_time(True, {}) is None  # not in a SLURM job

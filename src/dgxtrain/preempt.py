@@ -19,6 +19,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from dgxtrain import slurm
+
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL, "try again later": checkpoint written, requeue to continue
 
@@ -39,9 +41,14 @@ def control_dir(run_dir: Path, env: Mapping[str, str] = os.environ) -> Path:
         run_dir / "control")
 
 
-def job_end_time(env: Mapping[str, str] = os.environ) -> float | None:
-    value = env.get("DGXTRAIN_JOB_END_TIME")
-    return float(value) if value else None
+def job_end_time(ask_slurm: bool, env: Mapping[str, str] = os.environ) -> float | None:
+    """The job's end time: as the batch script exported it, else (in any other SLURM job, a
+    sweep's say) scontrol's answer, asked by one rank so as not to flood the controller."""
+    if env.get("DGXTRAIN_JOB_END_TIME"):
+        return float(env["DGXTRAIN_JOB_END_TIME"])
+    if ask_slurm and env.get("SLURM_JOB_ID"):
+        return slurm.end_time(env["SLURM_JOB_ID"])
+    return None
 
 
 def report_exit(status: str, **info: Any) -> None:
@@ -89,14 +96,18 @@ class StopRequests:
             self.reason, self.fired = f"signal {signal.Signals(signum).name}", signum
 
     def hand_over(self) -> None:
-        """Now that the checkpoint is written, pass the signal that stopped the run on to the
-        handler that was there before ours: under hydra-submitit-launcher, submitit's, which
-        requeues the job (on rank 0) and exits."""
-        outer = self._previous.get(self.fired) if self.fired is not None else None
-        if callable(outer):
-            log.info("handing %s on to %s", signal.Signals(self.fired).name,
-                     getattr(outer, "__qualname__", outer))
-            outer(self.fired, None)
+        """Now that the checkpoint is written, pass the stop on to a handler that was there
+        before ours: under hydra-submitit-launcher, submitit's SIGUSR2 handler, which requeues
+        the job (on rank 0) and exits. The signal that fired, else (a deadline, the stop file)
+        the first of ours with such a handler."""
+        order = [self.fired] if self.fired is not None else []
+        for sig in order + [s for s in self._previous if s != self.fired]:
+            outer = self._previous.get(sig)
+            if callable(outer):
+                log.info("handing %s on to %s", signal.Signals(sig).name,
+                         getattr(outer, "__qualname__", outer))
+                outer(sig, None)
+                return
 
     def poll(self, step_s: float, checkpoint_s: float) -> str:
         """A reason to stop after the coming step, or ''."""

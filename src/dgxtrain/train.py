@@ -104,8 +104,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     logs.setup_logging(env.rank, run_dir)
     p = cfg.preemption
-    stops = StopRequests(list(p.signals), control_dir(run_dir) / "stop", job_end_time(),
-                         p.deadline_margin_s, p.poll_s, leader=env.is_main)
+    stops = StopRequests(list(p.signals), control_dir(run_dir) / "stop",
+                         job_end_time(ask_slurm=env.is_main), p.deadline_margin_s, p.poll_s,
+                         leader=env.is_main)
     with Watchdog(run_dir, env.rank) as watchdog, stops:
         watchdog.arm(cfg.dist.init_timeout_s)
         if env.device.type == "cuda":
