@@ -27,7 +27,7 @@ class SlurmError(RuntimeError):
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
-    """SLURM's compressed host list, in order: 'dgx[01-03,7],cpu1' -> dgx01 dgx02 dgx03 dgx7 cpu1."""
+    """SLURM's compressed host list in order: 'dgx[01-02,7],cpu1' -> dgx01 dgx02 dgx7 cpu1."""
     hosts = []
     for prefix, ranges, rest in re.findall(r"([^,\[]*)(?:\[([^\]]*)\])?([^,\[]*),?", hostlist):
         if not (prefix or ranges):
