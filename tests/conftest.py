@@ -108,7 +108,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+    return [m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m]
 
 
 @pytest.fixture(autouse=True)

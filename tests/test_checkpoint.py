@@ -25,7 +25,7 @@ def run(run_dir: Path, *extra: str) -> dict:
 def step_losses(run_dir: Path) -> dict[int, float]:
     """Loss per step; a step logged twice (before a kill and after the resume) counts once,
     the last time."""
-    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
 
 
 def ckpts(run_dir: Path) -> list[str]:
@@ -134,9 +134,9 @@ def test_nan_in_error_mode_stops_before_the_update(tmp_path):
 def test_nan_in_skip_mode_is_skipped_and_counted(tmp_path):
     s = run(tmp_path, "trainer.max_steps=12", "fault.nan_at_step=8", "trainer.nonfinite=skip")
     assert (s["steps"], s["skipped_steps"], s["stop_reason"]) == (12, 1, "max_steps")
-    rows = {m["step"]: m for m in read_metrics(tmp_path) if "loss" in m}
-    assert rows[7]["skipped_steps"] == 0 and rows[8]["skipped_steps"] == 1
-    assert rows[8]["loss"] is None  # NaN is written as null: the file stays valid JSON
+    rows = {m["step"]: m for m in read_metrics(tmp_path) if "train/loss" in m}
+    assert rows[7]["train/skipped_steps"] == 0 and rows[8]["train/skipped_steps"] == 1
+    assert rows[8]["train/loss"] is None  # NaN is written as null: the file stays valid JSON
     # The fault fires once per run dir: a resumed run does not see it again.
     again = run(tmp_path, "trainer.max_steps=14", "fault.nan_at_step=8",
                 "trainer.nonfinite=skip")

@@ -36,12 +36,13 @@ def test_outputs_have_the_documented_fields(tmp_path):
         assert key in s, key
     assert s == json.loads((tmp_path / "summary.json").read_text())
     rows = read_metrics(tmp_path)
-    train_rows = [r for r in rows if "loss" in r]
+    train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
     for r in train_rows:
-        assert {"loss", "lr", "grad_norm", "samples_per_s", "step_time_s"} <= r.keys()
-    assert [r["step"] for r in rows if "r2" in r] == [10, 20]  # periodic + final eval
-    assert s["final_loss"] == train_rows[-1]["loss"]
+        assert {"train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s",
+                "perf/step_time_s"} <= r.keys()
+    assert [r["step"] for r in rows if "eval/r2" in r] == [10, 20]  # periodic + final eval
+    assert s["final_loss"] == train_rows[-1]["train/loss"]
     model = torch.load(tmp_path / "model.pt", weights_only=True)
     assert s["param_sha256"] == _sha(model)
     assert (tmp_path / "config.yaml").read_text().count("max_steps: 20") == 1
@@ -60,7 +61,7 @@ def test_warmup_then_cosine_schedule_is_logged(tmp_path):
     cfg = compose_cfg(["device=cpu", "trainer.max_steps=40", "trainer.warmup_steps=10",
                        "trainer.log_every=1", "optim.lr=0.01", "trainer.min_lr_ratio=0.1"])
     train(cfg, tmp_path)
-    lrs = [r["lr"] for r in read_metrics(tmp_path) if "lr" in r]
+    lrs = [r["train/lr"] for r in read_metrics(tmp_path) if "train/lr" in r]
     assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)
     assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))  # decays after warm-up
     assert lrs[-1] == pytest.approx(0.001, rel=0.05)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, clean_env, read_metrics, run_ok
+from dgxtrain.wandb_records import read_run
 
 pytestmark = pytest.mark.slurm
 
@@ -119,7 +120,7 @@ def assert_same_params(run_dir: Path, ref: Path, rtol: float = 1e-5) -> None:
 
 
 def assert_one_continuous_run(run_dir: Path) -> None:
-    steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
+    steps = [m["step"] for m in read_metrics(run_dir) if "train/loss" in m]
     assert steps == sorted(set(steps)) and steps[-1] == 200, steps
 
 
@@ -176,6 +177,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, reference):
     assert s["param_sha256"] == summary(reference)["param_sha256"]
     assert_one_continuous_run(run_dir)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [run_dir.name]
+    # One W&B run (offline here) across both attempts, grouped by the job.
+    runs = [read_run(f) for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+    assert len(runs) == 2 and len({r["id"] for r in runs}) == 1
+    assert {r["group"] for r in runs} == {f"slurm-{jid}"}
+    steps = [row["_step"] for r in runs for row in r["history"] if "train/loss" in row]
+    assert steps == list(range(5, 201, 5))
 
 
 def test_deadline_stops_for_requeue_without_a_signal(tmp_path, reference):
@@ -259,6 +266,9 @@ def test_hydra_sweep_submits_one_job_per_point_and_survives_preemption(tmp_path,
     assert points[0]["resumed_from_step"] == 0 and points[1]["resumed_from_step"] >= 25
     assert job(task)["Restarts"] == "1"
     assert_one_continuous_run(sweep / "1")
+    # Each point its own W&B run, the sweep their group.
+    runs = [read_run(f) for i in (0, 1) for f in (sweep / str(i)).glob("wandb/*/run-*.wandb")]
+    assert len({r["id"] for r in runs}) == 2 and {r["group"] for r in runs} == {sweep.name}
 
 
 def _wait_for_glob(root: Path, pattern: str, proc: subprocess.Popen,

@@ -148,7 +148,8 @@ class FaultConfig:
     enospc_at_step: int = 0
     """Writing the checkpoint of this step fails with ENOSPC (disk full)."""
     step_delay_s: float = 0.0
-    """Every step takes this much longer (a slow job, for preemption and deadline drills)."""
+    """Every step of fault.rank takes this much longer: a straggler, and a slow job (the
+    others wait for it), for preemption and deadline drills."""
     rank: int = 0
     """The rank the fault hits; -1 = every rank."""
 
@@ -156,6 +157,20 @@ class FaultConfig:
 @dataclass
 class LoggerConfig:
     backend: str = "none"
+    """wandb (a W&B run, beside the run dir's files) or none (the run dir's files only)."""
+    project: str = "dgxtrain"
+    entity: str | None = None
+    """The W&B team or user; null = the API key's default."""
+    group: str | None = None
+    """null = the SLURM job (slurm-<id>) or the sweep; a name of your own otherwise."""
+    name: str | None = None
+    """null = the run dir's name (the sweep point's number in a sweep)."""
+    tags: list[str] = field(default_factory=list)
+    """Added to the automatic ones: nodes:<n>, world:<n>, device:<name>."""
+    mode: str = "auto"
+    """auto (online with W&B credentials, else offline), online, offline or disabled."""
+    init_timeout_s: float = 90.0
+    """How long W&B may take to start before the run logs offline instead."""
 
 
 @dataclass
@@ -291,8 +306,13 @@ def validate(cfg: DictConfig, world_size: int, cuda_available: bool) -> RunSpec:
              "too large for the sample index space", "use data.num_samples <= 2**62")
     _require(cfg, "data.noise_std", cfg.data.get("noise_std", 0.0) >= 0,
              "must not be negative", "set data.noise_std >= 0")
-    _require(cfg, "logger.backend", cfg.logger.get("backend") == "none",
-             "unknown logger backend", "use logger=none")
+    lg = cfg.logger
+    _require(cfg, "logger.backend", lg.backend in ("wandb", "none"),
+             "unknown logger backend", "use logger=wandb or logger=none")
+    _require(cfg, "logger.mode", lg.mode in ("auto", "online", "offline", "disabled"),
+             "unknown mode", "use logger.mode=auto, online, offline or disabled")
+    _require(cfg, "logger.init_timeout_s", lg.init_timeout_s > 0, "must be positive",
+             "set logger.init_timeout_s to seconds > 0, e.g. 90")
     _require(cfg, "data.target", cfg.data.get("target", "linear") in ("linear", "nonlinear"),
              "unknown target", "use data.target=linear or data.target=nonlinear")
 

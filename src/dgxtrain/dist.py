@@ -198,3 +198,21 @@ def all_agree(flag: bool, device: torch.device) -> bool:
     """True on every rank iff `flag` is true on every rank."""
     t = torch.tensor([0.0 if flag else 1.0], device=device)
     return all_reduce_(t).item() == 0.0
+
+
+def gather_rows(row: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D `row`, stacked in rank order (world_size x n); log steps only."""
+    if not _initialized():
+        return row.unsqueeze(0)
+    rows = [torch.empty_like(row) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(rows, row)
+    return torch.stack(rows)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's small picklable `obj`, in rank order."""
+    if not _initialized():
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out

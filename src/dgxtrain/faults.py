@@ -30,7 +30,8 @@ class Faults:
         hits_me = cfg.rank in (-1, rank)
         self.at = {name: int(cfg[name]) if hits_me else 0 for name in self.NAMES}
         self.rank, self.dir = rank, run_dir / "faults"
-        self.step_delay_s = float(cfg.step_delay_s)  # every rank: the whole job is slower
+        # On the rank it hits: the others wait for it, so the whole job is slower.
+        self.step_delay_s = float(cfg.step_delay_s) if hits_me else 0.0
 
     def _fires(self, name: str, step: int) -> bool:
         if step != self.at[name] or not step:

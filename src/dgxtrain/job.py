@@ -7,7 +7,9 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 import platform
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from dgxtrain.dist import DistEnv, all_agree, grad_sync
 from dgxtrain.faults import Faults, Watchdog
 from dgxtrain.metrics import count_parameters, flops_per_sample
 from dgxtrain.optim import build_optimizer, build_scheduler
+from dgxtrain.perf import peak_tflops
 from dgxtrain.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -117,25 +120,55 @@ def distribute(job: Job) -> torch.nn.Module:
         # their all-reduce overlaps the rest of the backward pass.
         wrapped = DDP(wrapped, device_ids=[env.device.index] if env.device.type == "cuda"
                       else None)
+        # DDP times forward, backward and the gradient all-reduce on sampled iterations:
+        # once per log interval, for the comm-wait and straggler metrics.
+        wrapped._set_ddp_runtime_logging_sample_rate(
+            job.cfg.trainer.log_every * job.spec.grad_accum_steps)
     if job.cfg.trainer.compile:
         example = job.dataset.sample(job.schedule(0)[0])[0]
         wrapped = compile_or_eager(wrapped, example, job.autocast, env.device)
     return wrapped
 
 
-def describe(job: Job) -> dict[str, Any]:
+def describe(job: Job, hosts: list[str]) -> dict[str, Any]:
     """The derived values logged at start (and stored as derived.json). Before distribute()."""
     env, model = job.env, job.model
     probe = job.dataset.sample(job.dataset.eval_indices()[:8])[0]
     per_sample = flops_per_sample(model, probe)
+    cuda = env.device.type == "cuda"
+    # Only rank 0 reports MFU; on a CPU its peak is measured, which takes a moment.
+    peak, source = (peak_tflops(env.device, job.cfg.trainer.precision) if env.is_main
+                    else (0.0, ""))
     return {
         **dataclasses.asdict(job.spec), "device": str(env.device), "backend": env.backend,
         "launcher": env.launcher, "parameters": count_parameters(model),
         "flops_per_step": per_sample * job.spec.global_batch_size if per_sample else None,
-        "torch": torch.__version__, "python": platform.python_version(),
-        "device_name": (torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
+        "peak_tflops_per_device": peak, "peak_tflops_source": source,
+        "device_name": (torch.cuda.get_device_name(env.device) if cuda
                         else platform.processor() or platform.machine()),
+        "devices": env.world_size, "nodes": len(set(hosts)),
+        "gpus_per_node": torch.cuda.device_count(),
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "python": platform.python_version(), "git_commit": _git_commit(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST"),
     }
+
+
+def _git_commit() -> str | None:
+    """The commit of the code that runs, with '-dirty' for uncommitted changes; None outside git."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def checkpoint_meta(job: Job) -> dict[str, Any]:
@@ -163,5 +196,8 @@ def resume(job: Job) -> dict[str, Any]:
     found = checkpoint.choose(job.cfg.checkpoint.resume, job.run_dir, job.env)
     if found is None:
         return {}
-    return checkpoint.restore(found, job.env, checkpoint_meta(job), job.model,
-                              job.optimizer, job.scheduler)
+    saved = checkpoint.restore(found, job.env, checkpoint_meta(job), job.model,
+                               job.optimizer, job.scheduler)
+    if not found.resolve().is_relative_to(job.run_dir.resolve()):
+        saved.pop("tracker", None)  # another run's checkpoint: its W&B run is not this one
+    return saved

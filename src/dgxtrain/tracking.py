@@ -1,7 +1,7 @@
-"""Where metrics go. Rank 0 gets a real tracker; every other rank gets NullTracker.
+"""Where metrics go. Rank 0 gets real trackers; every other rank gets NullTracker.
 
 LocalTracker always writes the run dir's files (config.yaml, metrics.jsonl, summary.json,
-model.pt) and the console progress line; experiment trackers (W&B) plug in beside it.
+model.pt) and the console progress line; the W&B tracker (wandb_tracker.py) runs beside it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dgxtrain import logs
+from dgxtrain import dist, logs, slurm
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,56 @@ class NullTracker:
     def save_model(self, model: torch.nn.Module) -> None:
         pass
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        pass
+    def finish(self, summary: dict[str, Any], exit_code: int = 0) -> None:
+        """The end of this process's part; exit_code != 0: the run goes on in a later one."""
+
+
+class TrackerGroup(NullTracker):
+    """Several trackers as one: each gets every call, in order."""
+
+    def __init__(self, *trackers: NullTracker):
+        self.trackers = trackers
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for t in self.trackers for k, v in t.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for t in self.trackers:
+            t.load_state_dict(state)
+
+    def log_config(self, cfg: DictConfig, derived: dict[str, Any]) -> None:
+        for t in self.trackers:
+            t.log_config(cfg, derived)
+
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        for t in self.trackers:
+            t.log_metrics(step, metrics)
+
+    def save_model(self, model: torch.nn.Module) -> None:
+        for t in self.trackers:
+            t.save_model(model)
+
+    def finish(self, summary: dict[str, Any], exit_code: int = 0) -> None:
+        for t in self.trackers:
+            t.finish(summary, exit_code)
+
+
+SECRET_NAME = re.compile(r"api_?key|token|secret|passw(or)?d|credential", re.IGNORECASE)
+
+
+def redact(obj: Any, secrets: tuple[str, ...] | None = None) -> Any:
+    """A config with secrets replaced: keys that name one, and any value holding the value
+    of a secret-named environment variable (WANDB_API_KEY, HF_TOKEN, ...)."""
+    if secrets is None:
+        secrets = tuple(v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8)
+    if isinstance(obj, dict):
+        return {k: "<redacted>" if SECRET_NAME.search(str(k)) else redact(v, secrets)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, secrets) for v in obj]
+    if isinstance(obj, str) and any(s in obj for s in secrets):
+        return "<redacted>"
+    return obj
 
 
 def _finite(obj: dict[str, Any]) -> dict[str, Any]:
@@ -70,26 +119,29 @@ class LocalTracker(NullTracker):
         self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
 
     def log_config(self, cfg: DictConfig, derived: dict[str, Any]) -> None:
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        # cfg is already redacted (see _run): the run dir must hold no secret either.
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         write_json_atomic(self.run_dir / "derived.json", derived)
 
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(_finite({"step": step, **metrics}), allow_nan=False)
                             + "\n")
-        if "loss" in metrics:
+        if "train/loss" in metrics:
             self._progress(step, metrics)
         else:
-            log.info("step %d | %s", step,
-                     " | ".join(f"{k} {v:.6g}" for k, v in metrics.items()))
+            log.info("step %d | %s", step, " | ".join(
+                f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in metrics.items()))
 
-    def _progress(self, step: int, m: dict[str, float]) -> None:
+    def _progress(self, step: int, m: dict[str, Any]) -> None:
         frac = step / self.max_steps
-        eta = timedelta(seconds=round(m["step_time_s"] * (self.max_steps - step)))
+        eta = timedelta(seconds=round(m["perf/step_time_s"] * (self.max_steps - step)))
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
         logging.getLogger(logs.PROGRESS).info(
-            f"step {step}/{self.max_steps} [{bar}] | loss {m['loss']:.4g} | lr {m['lr']:.2e}"
-            f" | grad {m['grad_norm']:.3g} | {_fmt(m['samples_per_s'])} samples/s"
-            f" | {m['step_time_s'] * 1e3:.1f} ms/step | eta {eta}")
+            f"step {step}/{self.max_steps} [{bar}] | loss {m['train/loss']:.4g}"
+            f" | lr {m['train/lr']:.2e} | grad {m['train/grad_norm']:.3g}"
+            f" | {_fmt(m['perf/samples_per_s'])} samples/s"
+            f" | {m['perf/step_time_s'] * 1e3:.1f} ms/step | eta {eta}")
 
     def save_model(self, model: torch.nn.Module) -> None:
         """The trained weights as a plain state_dict (loads with weights_only=True)."""
@@ -97,14 +149,56 @@ class LocalTracker(NullTracker):
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, self.run_dir / "model.pt")
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any], exit_code: int = 0) -> None:
         logs.end_progress()
         self._metrics.close()
-        write_json_atomic(self.run_dir / "summary.json", summary)
-        log.info("summary: %s", json.dumps(summary, sort_keys=True))
+        if exit_code == 0:
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            log.info("summary: %s", json.dumps(summary, sort_keys=True))
 
 
-def build_tracker(cfg: DictConfig, is_main: bool, run_dir: Path) -> NullTracker:
+def logged_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows by step, training row before eval row; a step logged again after
+    a resume counts once (the later line). Lines cut short by a kill are skipped."""
+    path, rows = run_dir / "metrics.jsonl", {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            rows[(row["step"], "train/loss" not in row)] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def build_tracker(cfg: DictConfig, is_main: bool, run_dir: Path, *, group: str | None = None,
+                  name: str = "", tags: tuple[str, ...] = ()) -> NullTracker:
+    """Rank 0: the run dir's files, plus W&B with logger=wandb. Every other rank: nothing."""
     if not is_main:
         return NullTracker()
-    return LocalTracker(run_dir, cfg.trainer.max_steps)
+    local = LocalTracker(run_dir, cfg.trainer.max_steps)
+    if cfg.logger.backend != "wandb":
+        return local
+    from dgxtrain.wandb_tracker import WandbTracker
+
+    # resume=never starts the run over: a new W&B run too, not a continuation.
+    fresh = cfg.checkpoint.resume == "never"
+    return TrackerGroup(local, WandbTracker(
+        cfg.logger, run_dir, group=group, name=name or run_dir.name,
+        tags=redact([*cfg.logger.tags, *tags]), logged=[] if fresh else logged_rows(run_dir)))
+
+
+def run_identity(cfg: DictConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, Any]:
+    """W&B group, name and tags: a sweep's points share the sweep's group, a SLURM job's
+    attempts its job's; the tags say where it ran."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    group = cfg.logger.group or (dist.shared_run_id() if sweep else slurm.run_id(os.environ))
+    name = cfg.logger.name or (f"{run_dir.parent.name}/{run_dir.name}" if sweep
+                               else run_dir.name)
+    device = str(derived.get("device_name", "")).removeprefix("NVIDIA ").replace(" ", "-")
+    tags = (f"nodes:{derived.get('nodes', 1)}", f"world:{derived.get('devices', 1)}",
+            f"device:{device}")
+    return {"group": group, "name": name, "tags": tags}

@@ -10,6 +10,7 @@ import functools
 import gc
 import logging
 import math
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,13 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from dgxtrain import checkpoint, logs
 from dgxtrain.config import validate
-from dgxtrain.dist import DistEnv, all_reduce_, grad_sync, process_group, world_size_from_env
+from dgxtrain.dist import (DistEnv, all_reduce_, gather_objects, gather_rows, grad_sync,
+                           process_group, world_size_from_env)
 from dgxtrain.evaluate import evaluate
 from dgxtrain.faults import Watchdog
 from dgxtrain.job import Job, build_job, describe, distribute, resume, save_checkpoint
 from dgxtrain.metrics import StepMeter, param_sha256
-from dgxtrain.preempt import Requeue, StopRequests, control_dir, job_end_time
-from dgxtrain.tracking import NullTracker, build_tracker
+from dgxtrain.perf import PhaseClock, ddp_comm_wait_s, local_row, log_row
+from dgxtrain.preempt import EXIT_REQUEUE, Requeue, StopRequests, control_dir, job_end_time
+from dgxtrain.tracking import NullTracker, build_tracker, redact, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +66,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, dataset: Any,
                micro_batches: torch.Tensor, autocast: Callable, grad_clip: float,
                poison: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
-               stop: torch.Tensor | None = None) -> StepResult:
+               stop: torch.Tensor | None = None, clock: PhaseClock | None = None,
+               ) -> StepResult:
     """Forward/backward each micro-batch, clip, and step if the step is finite on every
-    rank. `stop` (0 or 1, on the device) is this rank's wish to stop after this step."""
+    rank. `stop` (0 or 1, on the device) is this rank's wish to stop after this step;
+    `clock`, on log steps only, times the phases."""
     accum = micro_batches.shape[0]
     loss_sum = None
     for i, idx in enumerate(micro_batches):
         x, y = dataset.sample(idx)
+        if clock:
+            clock.mark("data")
         # Only the last micro-batch's backward all-reduces: the sum arrives once.
         with grad_sync(model, i == accum - 1):
             with autocast():
@@ -78,6 +85,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             loss = poison(F.mse_loss(pred.float().reshape(y.shape), y) / accum)
             loss.backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if clock:
+            clock.mark("fwd_bwd")  # includes the wait for DDP's gradient all-reduce
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                grad_clip if grad_clip > 0 else math.inf)
     # Every rank must take the same decisions: the flags are summed over ranks (the
@@ -91,6 +100,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if clock:
+        clock.mark("optim")
     return StepResult(loss_sum, grad_norm, applied, len(flags) > 2 and flags[2] > 0)
 
 
@@ -144,21 +155,24 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 def _run(job: Job, run_dir: Path, stops: StopRequests) -> tuple[TrainState, dict[str, Any]]:
     """Inside the process group: resume, distribute, loop, write the outputs."""
     cfg, env = job.cfg, job.env
-    derived = describe(job)
+    hosts = gather_objects(socket.gethostname())
+    derived = describe(job, hosts)
     state = TrainState()
     saved = resume(job)
     if saved:
         state.load_state_dict({**saved["train_state"], "stop_reason": ""})
     job.wrapped = distribute(job)
-    tracker = build_tracker(cfg, env.is_main, run_dir)
+    tracker = build_tracker(cfg, env.is_main, run_dir, **run_identity(cfg, run_dir, derived))
     tracker.load_state_dict(saved.get("tracker", {}))
-    tracker.log_config(cfg, derived)
+    # No secret (an API key interpolated into the config, say) reaches a file or W&B.
+    tracker.log_config(redact(OmegaConf.to_container(cfg, resolve=True)), redact(derived))
     log.info("run dir %s (a rank stuck for dist.timeout_s=%gs writes its stack to stacks/ "
              "and ends the job)", run_dir, cfg.dist.timeout_s)
     log.info("start: %s", " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in derived.items()))
-    summary = run_loop(job, state, tracker, stops)
+    summary = run_loop(job, state, tracker, stops, derived, hosts)
     if state.stop_reason == "requeue":  # not the end of the run: no final outputs yet
+        tracker.finish(summary, exit_code=EXIT_REQUEUE)
         return state, summary
     tracker.save_model(job.model)
     tracker.finish(summary)
@@ -166,7 +180,8 @@ def _run(job: Job, run_dir: Path, stops: StopRequests) -> tuple[TrainState, dict
 
 
 def run_loop(job: Job, state: TrainState, tracker: NullTracker,
-             stops: StopRequests | None = None) -> dict[str, Any]:
+             stops: StopRequests | None = None, derived: dict[str, Any] | None = None,
+             hosts: list[str] | None = None) -> dict[str, Any]:
     """Step until done; log, evaluate, checkpoint and stop on schedule. Returns the summary."""
     # Plain dataclasses, not DictConfig: each lookup of those costs ~10 us, every step.
     t, timeouts = OmegaConf.to_object(job.cfg.trainer), OmegaConf.to_object(job.cfg.dist)
@@ -178,8 +193,11 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker,
     # For the deadline: recent step times (the first, compiling one excluded), last save's.
     step_times: deque[float] = deque(maxlen=20)
     checkpoint_s, asked, stop_wish = 0.0, False, torch.zeros((), device=env.device)
+    derived, hosts = derived or {}, hosts or [socket.gethostname()] * env.world_size
     while state.step < t.max_steps and not state.stop_reason:
         step, started = state.step + 1, time.monotonic()
+        # Log steps time their phases (a device sync per phase); the others do not.
+        clock = PhaseClock(env.device) if step % t.log_every == 0 or step == t.max_steps else None
         if stops and not asked and stops.poll(max(step_times, default=0.0), checkpoint_s):
             stop_wish.fill_(1.0)  # shared in the step's all-reduce
             asked = True
@@ -190,7 +208,8 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker,
         lr = job.optimizer.param_groups[0]["lr"]
         loss, grad_norm, applied, stop = train_step(
             job.wrapped, job.optimizer, job.scheduler, job.dataset, job.schedule(state.step),
-            job.autocast, t.grad_clip, functools.partial(job.faults.poison, step=step), stop_wish)
+            job.autocast, t.grad_clip, functools.partial(job.faults.poison, step=step), stop_wish,
+            clock)
         if step > first_step + 1:
             step_times.append(time.monotonic() - started)
         if not applied:
@@ -213,14 +232,20 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker,
             (log.warning if why else log.info)("stopping after step %d for a requeue: %s",
                                                step, why or "another rank asked")
             state.stop_reason = "requeue"
-        if state.step % t.log_every == 0 or done or state.stop_reason == "requeue":
-            stats = all_reduce_(torch.stack([loss, grad_norm.float()]), mean=True).tolist()
-            last = {"loss": stats[0], "lr": lr, "grad_norm": stats[1],
-                    "skipped_steps": state.skipped_steps, **meter.tick(state.step)}
+        if clock:
+            rows = gather_rows(local_row(loss, grad_norm, clock, ddp_comm_wait_s(job.wrapped),
+                                         env.device)).tolist()
+            tick = meter.tick(state.step)
+            last = {**log_row(rows, tick["step_time_s"], derived.get("flops_per_step"),
+                              derived.get("peak_tflops_per_device", 0.0), hosts),
+                    "train/lr": lr, "train/skipped_steps": state.skipped_steps,
+                    "perf/step_time_s": tick["step_time_s"],
+                    "perf/samples_per_s": tick["samples_per_s"],
+                    "checkpoint/save_s": checkpoint_s}
             tracker.log_metrics(state.step, last)
         if t.eval_every and state.step % t.eval_every == 0 and not done and not state.stop_reason:
             job.watchdog.arm(timeouts.init_timeout_s)
-            tracker.log_metrics(state.step, evaluate_now())
+            tracker.log_metrics(state.step, eval_metrics(evaluate_now()))
         if ((done or (every and state.step % every == 0)) and not state.stop_reason
                 or state.stop_reason == "requeue"):
             began = time.monotonic()
@@ -234,14 +259,19 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker,
     state.stop_reason = state.stop_reason or "max_steps"
     train_time = meter.elapsed()
     final_eval = evaluate_now()
-    tracker.log_metrics(state.step, final_eval)
+    tracker.log_metrics(state.step, eval_metrics(final_eval))
     return {
         "world_size": env.world_size, "global_batch_size": spec.global_batch_size,
         "micro_batch_size": spec.micro_batch_size, "grad_accum_steps": spec.grad_accum_steps,
         "steps": state.step, "samples_seen": state.samples_seen,
         "skipped_steps": state.skipped_steps, "resumed_from_step": first_step,
-        "stop_reason": state.stop_reason, "final_loss": last.get("loss"), **final_eval,
+        "stop_reason": state.stop_reason, "final_loss": last.get("train/loss"), **final_eval,
         "samples_per_s": (state.samples_seen - first_step * spec.global_batch_size) / train_time
         if train_time > 0 else 0.0,
         "param_sha256": param_sha256(job.model), "wall_time_s": meter.elapsed(),
     }
+
+
+def eval_metrics(result: dict[str, float]) -> dict[str, float]:
+    """evaluate()'s result under the names the trackers use: eval_loss -> eval/loss, ..."""
+    return {"eval/" + k.removeprefix("eval_"): v for k, v in result.items()}
