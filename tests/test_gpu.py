@@ -10,7 +10,7 @@ import torch
 from dgxtrain.data import GlobalBatchSchedule, SyntheticRegression
 from dgxtrain.job import make_autocast
 from dgxtrain.train import train, train_step
-from tests.conftest import compose_cfg, losses, run_ok
+from tests.conftest import compose_cfg, losses, read_metrics, run_ok
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -75,6 +75,11 @@ def test_bf16_and_compile_learn_on_gpu(tmp_path):
     assert "model compiled with torch.compile" in log and "training eagerly" not in log
     derived = json.loads((tmp_path / "derived.json").read_text())
     assert derived["device"] == "cuda:0" and derived["backend"] == "nccl"
+    assert derived["cuda"] and derived["nccl"] and derived["gpus_per_node"] >= 1
+    if any(gpu in derived["device_name"] for gpu in ("A100", "H100", "H200")):
+        assert derived["peak_tflops_source"].endswith("bf16 data sheet")
+    rows = [m for m in read_metrics(tmp_path) if "train/loss" in m]
+    assert all(r["mem/max_allocated_gb"] > 0 and 0 < r["perf/mfu"] < 1 for r in rows[1:])
 
 
 def test_checkpoint_resume_on_gpu(tmp_path):

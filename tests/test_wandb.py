@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import clean_env, free_port, read_metrics, run_cli, run_ok
+from dgxtrain.tracking import redact
 from dgxtrain.wandb_records import items, read_run, records
+from dgxtrain.wandb_tracker import resolve_mode
 
 pytestmark = pytest.mark.multiprocess
 
@@ -112,3 +114,24 @@ def test_an_api_key_is_logged_nowhere(tmp_path):
     assert not [f for f in files if key.encode() in f.read_bytes()]
     run = read_run(wandb_files(tmp_path)[0])
     assert "<redacted>" in run["tags"] and run["config"]["logger"]["tags"] == ["<redacted>"]
+
+
+def test_mode_auto_is_online_only_with_credentials(tmp_path):
+    empty, login = tmp_path / "empty", tmp_path / "netrc"
+    empty.write_text("")
+    login.write_text("machine api.wandb.ai\n  login user\n  password " + "1" * 40 + "\n")
+    assert resolve_mode("auto", {"NETRC": str(empty)}) == "offline"
+    assert resolve_mode("auto", {"NETRC": str(empty), "WANDB_API_KEY": "k" * 40}) == "online"
+    assert resolve_mode("auto", {"NETRC": str(login)}) == "online"  # `wandb login`
+    assert resolve_mode("auto", {"NETRC": str(login),
+                                 "WANDB_BASE_URL": "https://wandb.example.com"}) == "offline"
+    assert resolve_mode("auto", {"WANDB_API_KEY": "k" * 40, "WANDB_MODE": "offline"}) == "offline"
+    assert resolve_mode("online", {}) == "online" and resolve_mode("disabled", {}) == "disabled"
+
+
+def test_redact_names_and_values(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnop")
+    cfg = {"model": {"api_key": "x", "note": "uses hf_abcdefghijklmnop here", "dim": 4},
+           "tags": ["a", "hf_abcdefghijklmnop"], "password": None}
+    assert redact(cfg) == {"model": {"api_key": "<redacted>", "note": "<redacted>", "dim": 4},
+                           "tags": ["a", "<redacted>"], "password": "<redacted>"}

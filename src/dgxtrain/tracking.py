@@ -185,7 +185,8 @@ def build_tracker(cfg: DictConfig, is_main: bool, run_dir: Path, *, group: str |
     fresh = cfg.checkpoint.resume == "never"
     return TrackerGroup(local, WandbTracker(
         cfg.logger, run_dir, group=group, name=name or run_dir.name,
-        tags=redact([*cfg.logger.tags, *tags]), logged=[] if fresh else logged_rows(run_dir)))
+        tags=redact([*cfg.logger.tags, *tags]), fresh=fresh,
+        logged=[] if fresh else logged_rows(run_dir)))
 
 
 def run_identity(cfg: DictConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, Any]:

@@ -51,14 +51,14 @@ def resolve_mode(mode: str, env: Mapping[str, str] = os.environ) -> str:
 
 class WandbTracker(NullTracker):
     def __init__(self, cfg: Any, run_dir: Path, *, group: str | None, name: str,
-                 tags: list[str], logged: list[dict[str, Any]]):
-        """`logged`: metrics.jsonl's rows so far ([] for a fresh run: a new W&B run)."""
+                 tags: list[str], fresh: bool, logged: list[dict[str, Any]]):
+        """fresh: a new W&B run even if the run dir had one; logged: metrics.jsonl's rows."""
         self.cfg, self.run_dir = cfg, run_dir
         self.group, self.name, self.tags = group, name, tags
         self.mode = resolve_mode(cfg.mode)
         self.id_file = run_dir / "wandb" / ID_FILE
         self.id: str | None = None
-        if logged and self.id_file.exists():
+        if not fresh and self.id_file.exists():
             self.id = self.id_file.read_text().strip() or None
         self.logged = logged
         # Steps up to here were logged before this start: never sent twice.
@@ -75,6 +75,9 @@ class WandbTracker(NullTracker):
         self.id = state.get("wandb_run_id") or self.id
 
     def log_config(self, cfg: Any, derived: dict[str, Any]) -> None:
+        if self.mode == "disabled":
+            log.info("W&B disabled (logger.mode or WANDB_MODE)")
+            return
         if self.id is None:
             self.id = secrets.token_hex(6)  # W&B ids: lowercase letters and digits
         self.id_file.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +101,10 @@ class WandbTracker(NullTracker):
                 return
         log.info("W&B run %s (%s, %s, group %s) started in %.1f s", self.id, self.mode,
                  self.name, self.group, time.monotonic() - started)
-        self._backfill()
+        try:
+            self._backfill()
+        except Exception as e:
+            self._warn_once(f"W&B could not send the earlier steps ({_first_line(e)})")
 
     def _steps_held(self) -> int:
         """The last step the W&B run holds: the server's, or what the earlier offline
