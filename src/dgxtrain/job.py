@@ -150,7 +150,8 @@ def describe(job: Job, hosts: list[str]) -> dict[str, Any]:
         "gpus_per_node": torch.cuda.device_count(),
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-        "python": platform.python_version(), "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "git_commit": _git_commit() if env.is_main else None,  # what rank 0 logs
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST"),
     }

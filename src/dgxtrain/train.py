@@ -91,10 +91,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                                                grad_clip if grad_clip > 0 else math.inf)
     # Every rank must take the same decisions: the flags are summed over ranks (the
     # gradients are all-reduced already). The step's one host sync, before any update.
-    flags = torch.stack([~torch.isfinite(loss_sum), ~torch.isfinite(grad_norm)]).float()
+    flags = [~torch.isfinite(loss_sum), ~torch.isfinite(grad_norm)]
     if stop is not None:
-        flags = torch.cat([flags, stop.reshape(1)])
-    flags = all_reduce_(flags).tolist()
+        flags.append(stop > 0)
+    flags = all_reduce_(torch.stack(flags).float()).tolist()
     applied = not (flags[0] or flags[1])
     if applied:
         optimizer.step()
