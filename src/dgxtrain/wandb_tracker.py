@@ -87,14 +87,13 @@ class WandbTracker(NullTracker):
         try:
             import wandb  # slow to import, and only needed here
 
-            self.run = self._init(wandb, self.mode, config)
+            self.run = self._start(wandb, self.mode, config)
         except Exception as e:  # unreachable server, bad key, timeout: train on regardless
             self._warn_once(f"W&B {self.mode} start failed ({type(e).__name__}: "
                             f"{_first_line(e)}); logging offline instead")
             self.mode = "offline"
             try:
-                wandb.teardown()  # else the failed start still holds the run id
-                self.run = self._init(wandb, "offline", config)
+                self.run = self._start(wandb, "offline", config)
             except Exception as e2:
                 log.warning("W&B offline start failed too (%s); no W&B run this time",
                             _first_line(e2))
@@ -135,6 +134,20 @@ class WandbTracker(NullTracker):
                      missing[0]["step"], missing[-1]["step"], held)
         if self.last_step:
             log.info("W&B: the run holds steps up to %d; later ones follow", self.last_step)
+
+    def _start(self, wandb: Any, mode: str, config: dict[str, Any]) -> Any:
+        """wandb.init, waiting while the run id is still held: by the W&B process of a start
+        that just crashed (it lingers a few seconds), or by a failed online attempt."""
+        deadline = time.monotonic() + float(self.cfg.init_timeout_s)
+        while True:
+            try:
+                return self._init(wandb, mode, config)
+            except Exception as e:
+                if "in use" not in str(e) or time.monotonic() > deadline:
+                    raise
+                log.info("W&B: run %s is still held by an earlier start; waiting", self.id)
+                wandb.teardown()
+                time.sleep(1.0)
 
     def _init(self, wandb: Any, mode: str, config: dict[str, Any]) -> Any:
         c = self.cfg
