@@ -9,7 +9,6 @@ warning signal and touches <control dir>/stop, and rank 0 sees it within `poll_s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -20,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from dgxtrain import slurm
+from dgxtrain.tracking import write_json_atomic
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL, "try again later": checkpoint written, requeue to continue
@@ -60,11 +60,8 @@ def report_exit(status: str, **info: Any) -> None:
     directory = os.environ.get("DGXTRAIN_CONTROL_DIR")
     if not directory:
         return
-    path = Path(directory) / "exit.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"status": status, **info}) + "\n")
-    os.replace(tmp, path)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(directory) / "exit.json", {"status": status, **info})
 
 
 class StopRequests:

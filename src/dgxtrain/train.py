@@ -179,9 +179,8 @@ def _run(job: Job, run_dir: Path, stops: StopRequests) -> tuple[TrainState, dict
     return state, summary
 
 
-def run_loop(job: Job, state: TrainState, tracker: NullTracker,
-             stops: StopRequests | None = None, derived: dict[str, Any] | None = None,
-             hosts: list[str] | None = None) -> dict[str, Any]:
+def run_loop(job: Job, state: TrainState, tracker: NullTracker, stops: StopRequests,
+             derived: dict[str, Any], hosts: list[str]) -> dict[str, Any]:
     """Step until done; log, evaluate, checkpoint and stop on schedule. Returns the summary."""
     # Plain dataclasses, not DictConfig: each lookup of those costs ~10 us, every step.
     t, timeouts = OmegaConf.to_object(job.cfg.trainer), OmegaConf.to_object(job.cfg.dist)
@@ -193,12 +192,11 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker,
     # For the deadline: recent step times (the first, compiling one excluded), last save's.
     step_times: deque[float] = deque(maxlen=20)
     checkpoint_s, asked, stop_wish = 0.0, False, torch.zeros((), device=env.device)
-    derived, hosts = derived or {}, hosts or [socket.gethostname()] * env.world_size
     while state.step < t.max_steps and not state.stop_reason:
         step, started = state.step + 1, time.monotonic()
         # Log steps time their phases (a device sync per phase); the others do not.
         clock = PhaseClock(env.device) if step % t.log_every == 0 or step == t.max_steps else None
-        if stops and not asked and stops.poll(max(step_times, default=0.0), checkpoint_s):
+        if not asked and stops.poll(max(step_times, default=0.0), checkpoint_s):
             stop_wish.fill_(1.0)  # shared in the step's all-reduce
             asked = True
         job.faults.before_step(step)
@@ -227,10 +225,10 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker,
         state.samples_seen += spec.global_batch_size
         done = state.step == t.max_steps
         if stop and not done and not state.stop_reason:
-            why = stops.reason if stops else ""
             # The rank that asked says why; the others follow quietly.
-            (log.warning if why else log.info)("stopping after step %d for a requeue: %s",
-                                               step, why or "another rank asked")
+            (log.warning if stops.reason else log.info)(
+                "stopping after step %d for a requeue: %s", step,
+                stops.reason or "another rank asked")
             state.stop_reason = "requeue"
         if clock:
             rows = gather_rows(local_row(loss, grad_norm, clock, ddp_comm_wait_s(job.wrapped),
@@ -251,7 +249,7 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker,
             began = time.monotonic()
             save_checkpoint(job, state.step, state.state_dict(), tracker)
             checkpoint_s = time.monotonic() - began
-    if stops and (asked or state.stop_reason == "requeue"):
+    if asked or state.stop_reason == "requeue":
         stops.consume()  # honoured (or overtaken by the end): not again in this run dir
     if state.stop_reason == "requeue":
         return {"steps": state.step, "stop_reason": state.stop_reason}
