@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks for a CUDA machine (run by hand, or on a lent GPU machine): the gpu-marked
-# tests, the default command on the GPU, and torchrun over NCCL on every GPU.
+# tests, the default command on the GPU, torchrun over NCCL on every GPU, the doctor, and
+# the benchmark (bf16 + compile on a wide MLP, printing MFU).
 #   scripts/gpu_check.sh [output dir]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +20,16 @@ DGXTRAIN_PYTHON=$PY DGXTRAIN_RUN_ID=gpu_check DGXTRAIN_OUTPUT_ROOT="$out" script
 # The same job again, longer: it resumes from its last checkpoint over NCCL.
 DGXTRAIN_PYTHON=$PY DGXTRAIN_RUN_ID=gpu_check DGXTRAIN_OUTPUT_ROOT="$out" scripts/launch.sh \
   trainer.max_steps=1200 2>&1 | grep -E "resumed from|step 1200/|rror"
-# Throughput of a DGX-sized model per GPU: fp32 eager vs bf16 + compile.
-for prec in fp32 bf16; do
-  compile=$([[ $prec == bf16 ]] && echo true || echo false)
-  "$PY" -m dgxtrain experiment=dgx_8gpu trainer.global_batch_size=8192 trainer.micro_batch_size=8192 \
-    trainer.max_steps=300 trainer.eval_every=0 data.eval_samples=8192 trainer.precision=$prec \
-    trainer.compile=$compile hydra.run.dir="$out/bench_$prec" 2>&1 | grep -E "error|step 300/|summary" | tail -2
-done
+# Preflight: devices, versions, GEMM per GPU, NCCL all-reduce busbw.
+gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.doctor \
+  --json "$out/doctor.json" 2>&1 | tee "$out/doctor.txt" | grep -vE "^W[0-9]"
+# The benchmark on the wide MLP (hidden 8192), bf16 autocast + torch.compile: MFU against
+# the data sheet's dense bf16 peak (989 TFLOP/s on H100/H200), and the standard workload.
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.bench \
+  model.hidden_dim=8192 trainer.precision=bf16 trainer.compile=true --micro-batch 4096 \
+  --rounds 5 --steps 20 --no-memory --json "$out/bench_wide_bf16.json" 2>&1 | grep -vE "^W[0-9]|INFO"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.bench \
+  --json "$out/bench_standard.json" 2>&1 | grep -vE "^W[0-9]|INFO"
 for f in "$out"/*/summary.json; do echo "$f: $(cat "$f" | tr -d '\n ')"; done
 exit "$status"

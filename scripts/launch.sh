@@ -2,7 +2,8 @@
 # Train on every GPU of this machine, or on CPU processes where there is none:
 #   scripts/launch.sh [hydra overrides...]
 # NPROC overrides the process count; DGXTRAIN_PYTHON the interpreter (default: the venv's
-# python, else python3); TORCHRUN_ARGS adds torchrun options (e.g. --numa-binding=node).
+# python, else python3); TORCHRUN_ARGS adds torchrun options (e.g. --numa-binding=node);
+# DGXTRAIN_MODULE runs another entry point the same way (dgxtrain.doctor, dgxtrain.bench).
 # Alone, --standalone picks a free rendezvous port, so two jobs on one machine never
 # collide on a fixed 29500. As one task per node of an srun step (slurm/train.sbatch), the
 # nodes meet at MASTER_ADDR:MASTER_PORT, node rank = SLURM_NODEID.
@@ -24,4 +25,4 @@ else
 fi
 # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of options
 exec "$PY" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$nproc" ${TORCHRUN_ARGS:-} \
-  -m dgxtrain "$@"
+  -m "${DGXTRAIN_MODULE:-dgxtrain}" "$@"

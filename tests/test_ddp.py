@@ -30,12 +30,12 @@ def assert_same_trajectory(a: Path, b: Path, rtol: float = 1e-5) -> None:
         rel = ((pa[k] - pb[k]).norm() / pb[k].norm()).item()
         assert rel <= rtol, f"{k}: relative difference {rel:.2e}"
     # And the run moved: the comparison is not between two untrained models.
-    assert la[-1] < 0.7 * la[0]
+    assert sum(la[-5:]) < 0.7 * sum(la[:5])
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adamw"])
 def test_two_ranks_equal_one_process(tmp_path, optim):
-    over = SMALL + [f"optim={optim}"]
+    over = SMALL + [f"optim={optim}"] + (["optim.lr=3e-3"] if optim == "adamw" else [])
     one = run_ok(tmp_path / "one", over)
     two = run_ok(tmp_path / "two", over, nproc=2)
     assert (one["world_size"], two["world_size"]) == (1, 2)
@@ -44,7 +44,7 @@ def test_two_ranks_equal_one_process(tmp_path, optim):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    over = SMALL + ["optim=adamw"]
+    over = SMALL + ["optim=adamw", "optim.lr=3e-3"]
     run_ok(tmp_path / "one", over)
     two = run_ok(tmp_path / "accum", over + ["trainer.micro_batch_size=16"], nproc=2)
     assert (two["world_size"], two["micro_batch_size"], two["grad_accum_steps"]) == (2, 16, 2)

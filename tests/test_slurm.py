@@ -133,7 +133,9 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_one_node_matches_local_torchrun(tmp_path, reference):
-    jid = submit(tmp_path, [])
+    # A 2-core machine shared with other work: only a rank 3x slower than the other is sick.
+    jid = submit(tmp_path, [], DGXTRAIN_DOCTOR="1",
+                 DGXTRAIN_DOCTOR_ARGS="--slow-fraction=0.3 --max-mb=4")
     info = wait_job(tmp_path, jid)
     log = log_of(tmp_path, jid)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), log[-3000:]
@@ -144,6 +146,9 @@ def test_one_node_matches_local_torchrun(tmp_path, reference):
     assert json.loads((run_dir / "control" / "exit.json").read_text())["status"] == "done"
     port = 15000 + int(jid) % 20000
     assert f"rendezvous 127.0.0.1:{port}" in log
+    # The preflight ran first, on both ranks, and found the node healthy.
+    doctor = json.loads((run_dir / "doctor-0.json").read_text())
+    assert doctor["ok"] and len(doctor["ranks"]) == 2 and doctor["allreduce"], log[-3000:]
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "srun"])

@@ -65,6 +65,9 @@ class AdamWConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    fused: bool = True
+    """One kernel for the whole update instead of a dozen passes per tensor (CPU and
+    CUDA); the same maths up to rounding."""
 
 
 @dataclass
@@ -73,6 +76,8 @@ class SGDConfig:
     lr: float = 0.05
     weight_decay: float = 0.0
     momentum: float = 0.9
+    fused: bool = True
+    """One kernel for the whole update (CPU and CUDA); the same maths up to rounding."""
 
 
 @dataclass
@@ -121,6 +126,21 @@ class DistConfig:
     Python stack written to <run dir>/stacks/."""
     init_timeout_s: float = 1800.0
     """The same for start-up, compilation, the first step, evaluation and checkpoints."""
+    threads_per_rank: int = 0
+    """CPU threads of each rank; 0 = the cores it owns (its CPU affinity shared among the
+    ranks of its node, or SLURM_CPUS_PER_TASK). Overrides OMP_NUM_THREADS."""
+    comm_hook: str = "auto"
+    """How DDP all-reduces gradients: allreduce (the backend's own: NCCL, gloo), shm
+    (shared memory; CPU ranks on one host), auto (shm where it works, else allreduce), or
+    bf16 (compressed to bf16: half the bytes, NOT fp32 maths; never chosen by auto)."""
+    bucket_cap_mb: float = 25.0
+    """DDP gradient bucket size: smaller starts the all-reduce earlier in the backward,
+    larger sends fewer, bigger messages."""
+    gradient_as_bucket_view: bool = True
+    """Gradients are views into DDP's buckets: saves a copy each way and their memory."""
+    static_graph: bool = True
+    """The model uses the same parameters every step (true for the built-in models): DDP
+    skips per-step bookkeeping. Set false for a model whose used parameters vary."""
 
 
 @dataclass
@@ -276,6 +296,12 @@ def validate(cfg: DictConfig, world_size: int, cuda_available: bool) -> RunSpec:
     for key in ("timeout_s", "init_timeout_s"):
         _require(cfg, f"dist.{key}", cfg.dist[key] > 0, "must be positive",
                  f"set dist.{key} to a number of seconds > 0")
+    _require(cfg, "dist.threads_per_rank", cfg.dist.threads_per_rank >= 0,
+             "must not be negative", "set dist.threads_per_rank >= 1, or 0 for the cores owned")
+    _require(cfg, "dist.comm_hook", cfg.dist.comm_hook in ("auto", "allreduce", "shm", "bf16"),
+             "unknown hook", "use dist.comm_hook=auto, allreduce, shm or bf16")
+    _require(cfg, "dist.bucket_cap_mb", cfg.dist.bucket_cap_mb > 0, "must be positive",
+             "set dist.bucket_cap_mb to megabytes > 0, e.g. 25")
     p = cfg.preemption
     for name in p.signals:
         _require(cfg, "preemption.signals", f"SIG{name}" in signal.Signals.__members__,

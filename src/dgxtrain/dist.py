@@ -113,6 +113,18 @@ def _pick_device(pref: str, local_rank: int, launcher: str) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def cores_per_rank() -> int:
+    """The CPU cores this process may use for its own threads: SLURM_CPUS_PER_TASK under
+    srun, else its CPU affinity shared evenly among the processes torchrun started on this
+    node (they all inherit the same affinity)."""
+    env = os.environ
+    owned = len(os.sched_getaffinity(0))
+    if env.get("SLURM_STEP_ID") and env.get("SLURM_CPUS_PER_TASK") and not env.get("RANK"):
+        return max(1, min(owned, int(env["SLURM_CPUS_PER_TASK"])))
+    sharing = int(env.get("LOCAL_WORLD_SIZE") or 1) if env.get("RANK") else 1
+    return max(1, owned // sharing)
+
+
 def env_rank() -> int:
     """This process's global rank as the launcher set it (0 for a single process)."""
     return int(os.environ.get("RANK") or
@@ -172,10 +184,10 @@ def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractConte
     return model.no_sync()
 
 
-def all_reduce_(t: torch.Tensor, mean: bool = False) -> torch.Tensor:
-    """In-place sum (or mean) over ranks; a no-op in a single process."""
+def all_reduce_(t: torch.Tensor, mean: bool = False, op: str = "sum") -> torch.Tensor:
+    """In-place sum (or mean, or max) over ranks; a no-op in a single process."""
     if _initialized():
-        tdist.all_reduce(t)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM)
         if mean:
             t /= tdist.get_world_size()
     return t

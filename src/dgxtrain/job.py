@@ -19,9 +19,8 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dgxtrain import __version__, checkpoint
+from dgxtrain import __version__, checkpoint, comm
 from dgxtrain.config import ConfigError, RunSpec
 from dgxtrain.data import GlobalBatchSchedule
 from dgxtrain.dist import DistEnv, all_agree, grad_sync
@@ -112,14 +111,14 @@ def build_job(cfg: DictConfig, env: DistEnv, spec: RunSpec, run_dir: Path,
                Faults(cfg.fault, env.rank, run_dir), watchdog)
 
 
-def distribute(job: Job) -> torch.nn.Module:
+def distribute(job: Job, hosts: list[str]) -> torch.nn.Module:
     """DDP when launched (even at one rank: one code path), then torch.compile if asked."""
     env, wrapped = job.env, job.model
     if env.launcher != "single":
         # DDP broadcasts rank 0's weights at construction and buckets gradients so that
         # their all-reduce overlaps the rest of the backward pass.
-        wrapped = DDP(wrapped, device_ids=[env.device.index] if env.device.type == "cuda"
-                      else None)
+        wrapped = comm.wrap(wrapped, env, job.cfg.dist, hosts,
+                            uses_no_sync=job.spec.grad_accum_steps > 1 or job.cfg.trainer.compile)
         # DDP times forward, backward and the gradient all-reduce on sampled iterations:
         # once per log interval, for the comm-wait and straggler metrics.
         wrapped._set_ddp_runtime_logging_sample_rate(
@@ -147,6 +146,7 @@ def describe(job: Job, hosts: list[str]) -> dict[str, Any]:
         "device_name": (torch.cuda.get_device_name(env.device) if cuda
                         else platform.processor() or platform.machine()),
         "devices": env.world_size, "nodes": len(set(hosts)),
+        "threads_per_rank": torch.get_num_threads(),
         "gpus_per_node": torch.cuda.device_count(),
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,

@@ -3,10 +3,12 @@ holds the others up. Measured on log steps only, where a host sync is allowed.""
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -36,9 +38,10 @@ def peak_tflops(device: torch.device, precision: str) -> tuple[float, str]:
     return measured_matmul_tflops(device, precision), f"{kind} matmul measured here"
 
 
-def measured_matmul_tflops(device: torch.device, precision: str, seconds: float = 0.2) -> float:
+def measured_matmul_tflops(device: torch.device, precision: str, seconds: float = 0.2,
+                           n: int | None = None) -> float:
     """A square matmul's rate on this device and its threads: the CPU has no data sheet."""
-    n = 4096 if device.type == "cuda" else 384
+    n = n or (4096 if device.type == "cuda" else 384)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up: allocation, kernel selection
@@ -69,17 +72,13 @@ class PhaseClock:
         self._t = now
 
 
-def ddp_comm_wait_s(model: torch.nn.Module) -> float:
-    """Time the last sampled backward waited for its gradient all-reduce after its own
-    compute ended (DDP's runtime logging); 0 where there is no DDP."""
-    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
-    if not hasattr(ddp, "_get_ddp_logging_data"):
-        return 0.0
-    data = ddp._get_ddp_logging_data()
-    comm_end, compute_end = data.get("backward_comm_time_end"), data.get("backward_compute_time_end")
-    if not comm_end or not compute_end:
-        return 0.0
-    return max(0.0, (comm_end - compute_end) / 1e9)
+def seconds_since_launch(pid: int | None = None) -> float:
+    """Wall time since process `pid` (default: this one) started, from /proc; under torchrun
+    pass its agent's pid (the parent), which is what the user launched."""
+    stat = Path(f"/proc/{pid or os.getpid()}/stat").read_text()
+    started_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the name
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def max_rss_gb() -> float:
@@ -131,3 +130,44 @@ def log_row(rows: list[list[float]], step_time_s: float, flops_per_step: float |
     busy = [d + f - w + o for d, f, w, o in zip(cols["data"], cols["fwd_bwd"],
                                                 cols["comm_wait"], cols["optim"])]
     return {**out, **stragglers(busy, hosts)}
+
+
+def allreduce_bandwidth(device: torch.device, sizes_bytes: list[int], min_time_s: float = 0.05,
+                        max_iters: int = 50) -> list[dict[str, float]]:
+    """All-reduce (sum, fp32) timing over message sizes, with nccl-tests' definitions:
+    algbw = bytes / time, busbw = algbw * 2(n-1)/n, the bandwidth each link must carry.
+
+    Collective: every rank calls it with the same sizes. The iteration count of each size is
+    decided on rank 0 and shared, so all ranks issue the same collectives. GB/s are 1e9 B/s.
+    """
+    import torch.distributed as tdist
+
+    from dgxtrain.dist import all_reduce_, broadcast_object
+
+    n = tdist.get_world_size() if tdist.is_initialized() else 1
+    rows = []
+    for size in sizes_bytes:
+        buf = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
+        _sync(device)
+        started = time.perf_counter()
+        all_reduce_(buf)  # warm-up: connections, buffers; also a first timing
+        _sync(device)
+        first = time.perf_counter() - started
+        iters = broadcast_object(max(1, min(max_iters, int(min_time_s / max(first, 1e-6)))))
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(iters):
+            all_reduce_(buf)
+        _sync(device)
+        # The slowest rank's time is the collective's time.
+        elapsed = all_reduce_(torch.tensor([time.perf_counter() - started], device=device,
+                                           dtype=torch.float64), op="max").item() / iters
+        algbw = buf.numel() * 4 / elapsed / 1e9
+        rows.append({"bytes": buf.numel() * 4, "time_us": elapsed * 1e6, "algbw_gbps": algbw,
+                     "busbw_gbps": algbw * 2 * (n - 1) / n if n > 1 else 0.0})
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -10,6 +10,7 @@ import functools
 import gc
 import logging
 import math
+import os
 import socket
 import time
 from collections import deque
@@ -23,14 +24,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from dgxtrain import checkpoint, logs
+from dgxtrain.comm import comm_wait_s
 from dgxtrain.config import validate
-from dgxtrain.dist import (DistEnv, all_reduce_, gather_objects, gather_rows, grad_sync,
-                           process_group, world_size_from_env)
+from dgxtrain.dist import (DistEnv, all_reduce_, cores_per_rank, gather_objects, gather_rows,
+                           grad_sync, process_group, world_size_from_env)
 from dgxtrain.evaluate import evaluate
 from dgxtrain.faults import Watchdog
 from dgxtrain.job import Job, build_job, describe, distribute, resume, save_checkpoint
 from dgxtrain.metrics import StepMeter, param_sha256
-from dgxtrain.perf import PhaseClock, ddp_comm_wait_s, local_row, log_row
+from dgxtrain.perf import PhaseClock, local_row, log_row, seconds_since_launch
 from dgxtrain.preempt import EXIT_REQUEUE, Requeue, StopRequests, control_dir, job_end_time
 from dgxtrain.tracking import NullTracker, build_tracker, redact, run_identity
 
@@ -122,6 +124,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         watchdog.arm(cfg.dist.init_timeout_s)
         if env.device.type == "cuda":
             torch.cuda.set_device(env.device)  # before any allocation: one context per GPU
+        # torchrun sets OMP_NUM_THREADS=1 for every rank: right for 8 GPUs, idle cores on CPU.
+        torch.set_num_threads(cfg.dist.threads_per_rank or cores_per_rank())
         job = build_job(cfg, env, spec, run_dir, watchdog)  # bad arguments fail here already
         if cfg.trainer.warmup_steps >= cfg.trainer.max_steps:
             log.warning("trainer.warmup_steps=%d >= trainer.max_steps=%d: the LR never leaves "
@@ -161,7 +165,7 @@ def _run(job: Job, run_dir: Path, stops: StopRequests) -> tuple[TrainState, dict
     saved = resume(job)
     if saved:
         state.load_state_dict({**saved["train_state"], "stop_reason": ""})
-    job.wrapped = distribute(job)
+    job.wrapped = distribute(job, hosts)
     tracker = build_tracker(cfg, env.is_main, run_dir, **run_identity(cfg, run_dir, derived))
     tracker.load_state_dict(saved.get("tracker", {}))
     # No secret (an API key interpolated into the config, say) reaches a file or W&B.
@@ -192,6 +196,7 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker, stops: StopReque
     # For the deadline: recent step times (the first, compiling one excluded), last save's.
     step_times: deque[float] = deque(maxlen=20)
     checkpoint_s, asked, stop_wish = 0.0, False, torch.zeros((), device=env.device)
+    startup_s = 0.0  # launch to the end of this attempt's first step
     while state.step < t.max_steps and not state.stop_reason:
         step, started = state.step + 1, time.monotonic()
         # Log steps time their phases (a device sync per phase); the others do not.
@@ -210,6 +215,9 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker, stops: StopReque
             clock)
         if step > first_step + 1:
             step_times.append(time.monotonic() - started)
+        else:
+            startup_s = seconds_since_launch(os.getppid() if env.launcher == "torchrun" else None)
+            log.info("first step done %.1f s after launch", startup_s)
         if not applied:
             state.skipped_steps += 1
             state.consecutive_skips += 1
@@ -231,7 +239,7 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker, stops: StopReque
                 stops.reason or "another rank asked")
             state.stop_reason = "requeue"
         if clock:
-            rows = gather_rows(local_row(loss, grad_norm, clock, ddp_comm_wait_s(job.wrapped),
+            rows = gather_rows(local_row(loss, grad_norm, clock, comm_wait_s(job.wrapped),
                                          env.device)).tolist()
             tick = meter.tick(state.step)
             last = {**log_row(rows, tick["step_time_s"], derived.get("flops_per_step"),
@@ -267,6 +275,7 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker, stops: StopReque
         "samples_per_s": (state.samples_seen - first_step * spec.global_batch_size) / train_time
         if train_time > 0 else 0.0,
         "param_sha256": param_sha256(job.model), "wall_time_s": meter.elapsed(),
+        "startup_s": startup_s,
     }
 
 

@@ -1,0 +1,301 @@
+"""`python -m dgxtrain.bench [--quick] [overrides]`: the trainer's step loop against a plain
+DDP loop, side by side in one run, and how close the trainer gets to the hardware.
+
+Runs as one process or under torchrun / srun (one rank per device). In one invocation:
+  - the trainer's step (train.train_step on the job train() builds) and a reference loop
+    (the simplest correct DistributedDataParallel loop: the same model, data, batch,
+    optimizer class, schedule and clipping, every knob at PyTorch's default), interleaved
+    in rounds, ABBA, so drift on a shared machine hits both; medians of the rounds;
+  - their parameters after the same steps: equal within 1e-5 in fp32;
+  - FLOP/s (counted by torch.utils.flop_counter) against a matmul peak measured here;
+  - all-reduce algbw/busbw over message sizes (nccl-tests definitions);
+  - the share of a step spent on data, forward+backward, communication and the optimizer;
+  - peak memory for data.num_samples 1e3 vs 1e9, and launch-to-first-step, of the real CLI.
+Writes JSON (--json), a PNG (--png), and a table on stdout (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dgxtrain import comm, config, logs, perf
+from dgxtrain.bench_report import memory_and_startup, plot, table
+from dgxtrain.dist import DistEnv, all_reduce_, cores_per_rank, gather_objects, process_group
+from dgxtrain.faults import Watchdog
+from dgxtrain.job import Job, build_job, distribute, make_autocast
+from dgxtrain.metrics import flops_per_sample
+from dgxtrain.optim import build_scheduler
+from dgxtrain.train import train_step
+
+log = logging.getLogger("dgxtrain.bench")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The standard workload (README, performance): an MLP 256 -> 3 x 1024 GELU -> 1, AdamW, fp32,
+# 256 samples per rank and step.
+STANDARD = ["data.dim=256", "model=mlp", "model.hidden_dim=1024", "model.num_layers=3",
+            "optim=adamw", "trainer.precision=fp32", "logger=none"]
+QUICK = ["data.dim=32", "model.hidden_dim=64", "model.num_layers=2"]
+
+
+def compose_config(overrides: list[str], micro_batch: int, world: int) -> Any:
+    config.register_configs()
+    config.register_resolvers()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[
+            *overrides, f"trainer.micro_batch_size={micro_batch}",
+            f"trainer.global_batch_size={micro_batch * world}", "trainer.max_steps=100000",
+            "hydra.run.dir=."])
+
+
+class Reference:
+    """The loop a user writes from the PyTorch DDP tutorial, on the trainer's data."""
+
+    def __init__(self, job: Job):
+        cfg, env = job.cfg, job.env
+        torch.manual_seed(cfg.seed)  # the trainer's initial weights (build_job seeds alike)
+        self.model = instantiate(cfg.model, in_dim=job.dataset.dim).to(env.device)
+        self.ddp = (DDP(self.model, device_ids=[env.device.index] if env.device.type == "cuda"
+                        else None) if env.launcher != "single" else self.model)
+        # The same optimizer class and hyper-parameters, at PyTorch's defaults otherwise.
+        opt = {k: v for k, v in cfg.optim.items() if k not in ("_target_", "fused")}
+        self.optimizer = instantiate({"_target_": cfg.optim._target_, **opt},
+                                     params=self.model.parameters(), _convert_="all")
+        t = cfg.trainer
+        self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps,
+                                         t.min_lr_ratio)
+        self.job, self.autocast = job, make_autocast(env.device, t.precision)
+
+    def step(self, step: int, clock: perf.PhaseClock | None = None) -> None:
+        x, y = self.job.dataset.sample(self.job.schedule(step)[0])
+        if clock:
+            clock.mark("data")
+        with self.autocast():
+            pred = self.ddp(x)
+        F.mse_loss(pred.float().reshape(y.shape), y).backward()
+        if clock:
+            clock.mark("fwd_bwd")
+        if self.job.cfg.trainer.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                           self.job.cfg.trainer.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        if clock:
+            clock.mark("optim")
+
+
+class Trainer:
+    """dgxtrain's own step: train_step on the job that train() builds."""
+
+    def __init__(self, job: Job):
+        self.job, self.stop = job, torch.zeros((), device=job.env.device)
+
+    def step(self, step: int, clock: perf.PhaseClock | None = None) -> None:
+        j = self.job
+        train_step(j.wrapped, j.optimizer, j.scheduler, j.dataset, j.schedule(step), j.autocast,
+                   j.cfg.trainer.grad_clip, stop=self.stop, clock=clock)
+
+
+def timed_steps(loop: Any, first: int, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` steps of every rank, from a common start to the slowest end."""
+    perf._sync(device)
+    all_reduce_(torch.zeros(1, device=device))  # a common start
+    started = time.perf_counter()
+    for s in range(first, first + steps):
+        loop.step(s)
+    perf._sync(device)
+    elapsed = torch.tensor([time.perf_counter() - started], device=device, dtype=torch.float64)
+    return all_reduce_(elapsed, op="max").item()
+
+
+def phases(loop: Any, first: int, steps: int, device: torch.device, ddp: Any,
+           hook: Any) -> dict[str, float]:
+    """Mean seconds per step in each phase. Communication: the time inside the shared-memory
+    hook (it is synchronous), else the wait DDP measured after the backward's compute."""
+    totals = {"data": 0.0, "fwd_bwd": 0.0, "comm": 0.0, "optim": 0.0}
+    if hasattr(ddp, "_set_ddp_runtime_logging_sample_rate"):
+        ddp._set_ddp_runtime_logging_sample_rate(1)
+    for s in range(first, first + steps):
+        clock, hook_before = perf.PhaseClock(device), getattr(hook, "seconds", 0.0)
+        loop.step(s, clock)
+        wait = (getattr(hook, "seconds", 0.0) - hook_before if hook is not None
+                else comm.comm_wait_s(ddp))
+        for name in ("data", "optim"):
+            totals[name] += clock.seconds[name]
+        totals["fwd_bwd"] += clock.seconds["fwd_bwd"] - wait
+        totals["comm"] += wait
+    return {k: v / steps for k, v in totals.items()}
+
+
+def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> tuple[float, float]:
+    """(largest absolute difference, largest norm of the difference relative to the norm)."""
+    worst_abs, worst_rel = 0.0, 0.0
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        d = (p.detach().float() - q.detach().float())
+        worst_abs = max(worst_abs, d.abs().max().item())
+        worst_rel = max(worst_rel, (d.norm() / q.detach().float().norm().clamp_min(1e-30)).item())
+    return worst_abs, worst_rel
+
+
+def run(args: argparse.Namespace, env: DistEnv, work: Path) -> dict[str, Any]:
+    overrides = STANDARD + (QUICK if args.quick else []) + args.overrides
+    cfg = compose_config(overrides, args.micro_batch, env.world_size)
+    spec = config.validate(cfg, env.world_size, torch.cuda.is_available())
+    hosts = gather_objects(socket.gethostname())
+    watchdog = Watchdog(work / f"rank{env.rank}", env.rank)
+    job = build_job(cfg, env, spec, work, watchdog)
+    probe = job.dataset.sample(job.dataset.eval_indices()[:8])[0]
+    per_sample = flops_per_sample(job.model, probe)
+    job.wrapped = distribute(job, hosts)
+    hook = comm.shm_state(job.wrapped)
+    loops = {"trainer": Trainer(job), "reference": Reference(job)}
+    for loop in loops.values():  # warm-up: allocators, kernels, torch.compile
+        timed_steps(loop, 0, args.warmup, env.device)
+    step = args.warmup
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    for r in range(args.rounds):
+        order = list(loops) if r % 2 == 0 else list(reversed(loops))
+        for name in order:
+            seconds[name].append(timed_steps(loops[name], step, args.steps, env.device))
+        step += args.steps
+    shares = {name: phases(loop, step, args.phase_steps, env.device,
+                           job.wrapped if name == "trainer" else loop.ddp,
+                           hook if name == "trainer" else None)
+              for name, loop in loops.items()}
+    step += args.phase_steps
+    diff_abs, diff_rel = max_param_diff(job.model, loops["reference"].model)
+    ranks = gather_objects({"rank": env.rank, "host": socket.gethostname(),
+                            "threads": torch.get_num_threads(),
+                            "peak_tflops": matmul_peak(env.device, cfg.trainer.precision)})
+    allreduce = (perf.allreduce_bandwidth(env.device, message_sizes(env.device, args.quick))
+                 if env.world_size > 1 else [])
+    batch = spec.global_batch_size
+    result: dict[str, Any] = {
+        "workload": {"overrides": overrides, "world_size": env.world_size,
+                     "micro_batch_per_rank": spec.micro_batch_size, "global_batch": batch,
+                     "device": str(env.device), "device_name": device_name(env.device),
+                     "backend": env.backend, "hook": type(hook).__name__ if hook else "default",
+                     "precision": cfg.trainer.precision, "compile": cfg.trainer.compile,
+                     "torch": torch.__version__, "threads_per_rank": torch.get_num_threads(),
+                     "steps_per_round": args.steps, "rounds": args.rounds,
+                     "flops_per_sample": per_sample},
+        "loops": {}, "ranks": ranks, "allreduce": allreduce,
+        "agreement": {"steps": step, "max_abs_diff": diff_abs, "max_rel_diff": diff_rel,
+                      "tolerance": 1e-5, "equal": diff_abs <= 1e-5},
+    }
+    peak = statistics.median(r["peak_tflops"] for r in ranks)
+    for name, secs in seconds.items():
+        per_s = [args.steps * batch / s for s in secs]
+        median = statistics.median(per_s)
+        tflops = (per_sample or 0.0) * median / env.world_size / 1e12  # per device
+        total = sum(shares[name].values()) or 1.0
+        result["loops"][name] = {
+            "samples_per_s": per_s, "median_samples_per_s": median,
+            "step_time_s": batch / median, "tflops_per_device": tflops,
+            "fraction_of_matmul_peak": tflops / peak if peak else None,
+            "phase_s": shares[name],
+            "phase_share": {k: v / total for k, v in shares[name].items()}}
+    t, ref = result["loops"]["trainer"], result["loops"]["reference"]
+    result["speedup"] = t["median_samples_per_s"] / ref["median_samples_per_s"]
+    result["matmul_peak_tflops_per_device"] = peak
+    sheet, source = perf.peak_tflops(env.device, cfg.trainer.precision)
+    if env.device.type == "cuda" and "data sheet" in source:
+        result["mfu_vs_data_sheet"] = t["tflops_per_device"] / sheet
+        result["data_sheet_peak_tflops"] = sheet
+    return result
+
+
+def matmul_peak(device: torch.device, precision: str) -> float:
+    """The best square-matmul rate over a few sizes: a peak, not one size's luck."""
+    sizes = (4096, 8192) if device.type == "cuda" else (256, 384, 512, 1024)
+    return max(perf.measured_matmul_tflops(device, precision, 0.2, n) for n in sizes)
+
+
+def message_sizes(device: torch.device, quick: bool) -> list[int]:
+    top = 2**22 if quick else (2**30 if device.type == "cuda" else 2**26)
+    return [4**k for k in range(6, 16) if 4**k <= top]  # 4 KiB .. top
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()}-core {platform_cpu()}"
+
+
+def platform_cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dgxtrain.bench", description=__doc__.split(
+        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides on top of the standard "
+                   "workload, e.g. model.hidden_dim=8192 trainer.precision=bf16")
+    p.add_argument("--quick", action="store_true", help="a small model and few steps (CI)")
+    p.add_argument("--micro-batch", type=int, default=256, help="samples per rank and step")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 7; quick 2)")
+    p.add_argument("--steps", type=int, help="steps per loop and round (default 30; quick 5)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--png", type=Path, help="plot them here (needs matplotlib)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory and launch-time runs of the CLI")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (2 if args.quick else 7)
+    args.steps = args.steps or (5 if args.quick else 30)
+    args.warmup, args.phase_steps = (2, 3) if args.quick else (5, 10)
+    for name in ("rounds", "steps", "micro_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    env = DistEnv.from_env("auto")
+    logs.setup_logging(env.rank)
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    torch.set_num_threads(cores_per_rank())  # as train() does
+    with tempfile.TemporaryDirectory(prefix="dgxtrain-bench-") as tmp, \
+            process_group(env, timeout_s=1800):
+        result = run(args, env, Path(tmp))
+    if not env.is_main:
+        return 0
+    if not args.no_memory:
+        result["memory_and_startup"] = memory_and_startup(
+            STANDARD + (QUICK if args.quick else []) + args.overrides, args.micro_batch,
+            steps=10 if args.quick else 30)
+    sys.stdout.write(table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=float))
+    if args.png:
+        plot(result, args.png)
+    ok = result["agreement"]["equal"] or result["workload"]["precision"] != "fp32"
+    return 0 if ok and math.isfinite(result["speedup"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Gradient communication: the DDP wrapper and how its buckets are all-reduced.
+
+DDP splits the gradients into buckets and all-reduces each as soon as the backward pass
+has filled it. On GPUs NCCL does that on its own stream, behind the rest of the backward.
+On CPU ranks of one machine, gloo sends every bucket through loopback TCP: on this
+project's 2-core reference machine that costs each rank ~12 ms of a ~55 ms step, on cores
+the backward needs too. `ShmAllReduce` instead sums the buckets in shared memory: one copy
+in, one add out, and a small gloo barrier. The sum is over ranks in rank order on every
+rank, so every rank gets the same bits (with two ranks, the bits gloo gives).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import time
+import uuid
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dgxtrain.config import ConfigError
+from dgxtrain.dist import DistEnv, broadcast_object
+
+log = logging.getLogger(__name__)
+
+HOOKS = ("auto", "allreduce", "shm", "bf16")
+
+
+def wrap(model: torch.nn.Module, env: DistEnv, dist_cfg: Any, hosts: list[str],
+         uses_no_sync: bool) -> DDP:
+    """DDP with the knobs of `dist` (see config.DistConfig) and its gradient hook.
+    `uses_no_sync`: gradient accumulation or the compile probe will call no_sync()."""
+    # DDP's static graph breaks on a backward under no_sync() (an internal assert).
+    static_graph = dist_cfg.static_graph and not uses_no_sync
+    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+              bucket_cap_mb=dist_cfg.bucket_cap_mb,
+              # Gradients live in the buckets: no copy into them, no copy out.
+              gradient_as_bucket_view=dist_cfg.gradient_as_bucket_view,
+              # The graph is the same every step: DDP stops re-checking which parameters
+              # got gradients, and fixes its bucket order after the first step.
+              static_graph=static_graph)
+    hook = choose_hook(dist_cfg.comm_hook, env, model, hosts)
+    if hook == "shm":
+        ddp.register_comm_hook(ShmAllReduce(env, model, dist_cfg.bucket_cap_mb),
+                               ShmAllReduce.hook)
+    elif hook == "bf16":
+        # Halves the bytes on the wire and rounds every gradient to bf16 once: not the
+        # fp32 maths of the other hooks, so never chosen by auto.
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    log.info("DDP: gradient all-reduce by %s, buckets of %g MB, gradient_as_bucket_view=%s, "
+             "static_graph=%s", hook, dist_cfg.bucket_cap_mb,
+             dist_cfg.gradient_as_bucket_view, static_graph)
+    return ddp
+
+
+def choose_hook(name: str, env: DistEnv, model: torch.nn.Module, hosts: list[str]) -> str:
+    """auto: shared memory where it can work (CPU ranks all on one host, fp32 parameters),
+    else the backend's own all-reduce (NCCL on GPUs)."""
+    possible = (env.device.type == "cpu" and len(set(hosts)) == 1 and env.world_size > 1
+                and all(p.dtype == torch.float32 for p in model.parameters()))
+    if name == "shm" and not possible:
+        raise ConfigError("dist.comm_hook", name, "shared memory needs CPU ranks all on one "
+                          "host and fp32 parameters", "use dist.comm_hook=auto")
+    if name == "auto":
+        return "shm" if possible else "allreduce"
+    return name
+
+
+class ShmAllReduce:
+    """All-reduce of DDP buckets through a shared-memory file that every rank maps.
+
+    Two sets of slots, alternating per bucket: rank r copies bucket b into slot[b % 2][r],
+    waits at a barrier, and sums the slots. A rank can only write bucket b + 2 after the
+    barrier of b + 1, which every rank passes after it has read bucket b: one barrier per
+    bucket is enough. The file is unlinked once mapped, so a crash leaves nothing behind.
+    """
+
+    def __init__(self, env: DistEnv, model: torch.nn.Module, bucket_cap_mb: float):
+        self.rank, self.world = env.rank, env.world_size
+        numels = [p.numel() for p in model.parameters() if p.requires_grad]
+        # A bucket closes once it reaches the cap: at most cap + one parameter, at most all.
+        cap = int(bucket_cap_mb * 2**20 / 4)
+        self.slot = min(sum(numels), cap + max(numels))
+        # Barriers on a group of their own: never interleaved with the trainer's collectives.
+        self.group = tdist.new_group(backend="gloo")
+        size = 2 * self.world * self.slot * 4
+        path = broadcast_object(f"/dev/shm/dgxtrain-{uuid.uuid4().hex}")
+        if self.rank == 0:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            os.ftruncate(fd, size)
+        tdist.barrier(group=self.group)
+        if self.rank != 0:
+            fd = os.open(path, os.O_RDWR)
+        try:
+            self.buffer = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        tdist.barrier(group=self.group)
+        if self.rank == 0:
+            os.unlink(path)
+        self.slots = torch.frombuffer(self.buffer, dtype=torch.float32).view(2, self.world,
+                                                                             self.slot)
+        self.buckets, self.seconds = 0, 0.0  # seconds: all time spent here (the benchmark's)
+        self.last_wait_s = 0.0  # the last backward's wait at the barriers: other ranks' lag
+
+    # No annotations: DDP compares them with its own classes, and under
+    # `from __future__ import annotations` they would be strings.
+    def hook(self, bucket):  # noqa: ANN001, ANN201
+        started = time.perf_counter()
+        grads = bucket.buffer()
+        n = grads.numel()
+        slots = self.slots[self.buckets % 2, :, :n]
+        self.buckets += 1
+        # As DDP's own hook: each rank's share is divided first, then summed (the mean).
+        torch.div(grads, self.world, out=slots[self.rank])
+        # gloo's barrier goes through sockets: the copies above are visible after it.
+        arrived = time.perf_counter()
+        tdist.barrier(group=self.group)
+        # Buckets are reduced in index order: bucket 0 starts a backward's all-reduce.
+        waited = time.perf_counter() - arrived
+        self.last_wait_s = waited + (self.last_wait_s if bucket.index() else 0.0)
+        torch.add(slots[0], slots[1], out=grads)
+        for r in range(2, self.world):
+            grads.add_(slots[r])
+        done = torch.futures.Future()
+        done.set_result(grads)
+        self.seconds += time.perf_counter() - started
+        return done
+
+
+def comm_wait_s(model: torch.nn.Module) -> float:
+    """How long the last all-reducing backward waited for the other ranks: the shared-memory
+    hook's barrier time, or what DDP's runtime logging sampled (the wait for the all-reduce
+    after the backward's own compute ended); 0 where there is no DDP."""
+    shm = shm_state(model)
+    if shm is not None:
+        return shm.last_wait_s
+    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
+    if not hasattr(ddp, "_get_ddp_logging_data"):
+        return 0.0
+    data = ddp._get_ddp_logging_data()
+    comm_end, compute_end = data.get("backward_comm_time_end"), data.get("backward_compute_time_end")
+    if not comm_end or not compute_end:
+        return 0.0
+    return max(0.0, (comm_end - compute_end) / 1e9)
+
+
+def shm_state(model: torch.nn.Module) -> ShmAllReduce | None:
+    """The shared-memory hook of a DDP model (compiled or not), if it has one."""
+    ddp = getattr(model, "_orig_mod", model)
+    for _, state in getattr(ddp, "_comm_hooks", []):
+        if isinstance(state, ShmAllReduce):
+            return state
+    return None

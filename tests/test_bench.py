@@ -1,0 +1,56 @@
+"""The benchmark's quick mode on 2 gloo ranks: well-formed output, and the trainer's step
+equal to the plain DDP loop's (speed is the benchmark's to report, not a test's)."""
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, clean_env
+
+pytestmark = pytest.mark.multiprocess
+
+
+def test_quick_benchmark_on_two_ranks(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "-m", "dgxtrain.bench", "--quick",
+                        "--json", str(out), "--png", str(png)],
+                       cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["workload"]["world_size"] == 2 and r["workload"]["hook"] == "ShmAllReduce"
+    # Both loops ran every round, and the reported figures follow from the raw ones.
+    for name in ("trainer", "reference"):
+        loop = r["loops"][name]
+        assert len(loop["samples_per_s"]) == r["workload"]["rounds"] == 2
+        assert all(s > 0 for s in loop["samples_per_s"])
+        assert loop["median_samples_per_s"] == statistics.median(loop["samples_per_s"])
+        assert math.isclose(sum(loop["phase_share"].values()), 1.0, rel_tol=1e-9)
+        assert all(v >= 0 for v in loop["phase_s"].values())
+        assert 0 < loop["fraction_of_matmul_peak"] < 2
+        tflops = r["workload"]["flops_per_sample"] * loop["median_samples_per_s"] / 2 / 1e12
+        assert math.isclose(loop["tflops_per_device"], tflops, rel_tol=1e-9)
+    assert math.isclose(r["speedup"], r["loops"]["trainer"]["median_samples_per_s"]
+                        / r["loops"]["reference"]["median_samples_per_s"], rel_tol=1e-9)
+    # The same mathematics: after identical batches the parameters agree in fp32.
+    a = r["agreement"]
+    assert a["steps"] > 10 and a["equal"] and a["max_abs_diff"] <= 1e-5
+    # nccl-tests definitions: busbw = algbw * 2(n-1)/n, which is algbw itself at n = 2.
+    sizes = [row["bytes"] for row in r["allreduce"]]
+    assert sizes == sorted(sizes) and len(sizes) >= 4
+    for row in r["allreduce"]:
+        assert row["algbw_gbps"] > 0
+        assert math.isclose(row["algbw_gbps"], row["bytes"] / (row["time_us"] * 1e-6) / 1e9,
+                            rel_tol=1e-6)
+        assert math.isclose(row["busbw_gbps"], row["algbw_gbps"], rel_tol=1e-9)
+    assert len(r["ranks"]) == 2 and all(x["peak_tflops"] > 0 for x in r["ranks"])
+    # Peak memory does not grow with the dataset: 1e9 samples cost what 1e3 cost.
+    m = r["memory_and_startup"]
+    assert abs(m["peak_ratio_1e9_vs_1e3"] - 1) <= 0.05, m
+    assert all(0 < m[k]["startup_s"] < 120 for k in ("num_samples_1e+03", "num_samples_1e+09"))
+    assert "speedup trainer / reference" in p.stdout and "busbw" in p.stdout
+    assert png.stat().st_size > 20_000
