@@ -31,5 +31,9 @@ gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
   --rounds 5 --steps 20 --no-memory --json "$out/bench_wide_bf16.json" 2>&1 | grep -vE "^W[0-9]|INFO"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.bench \
   --json "$out/bench_standard.json" 2>&1 | grep -vE "^W[0-9]|INFO"
+# bf16 gradient compression changes the numerics: benchmarked on its own, never a default.
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.bench \
+  dist.comm_hook=bf16 --rounds 3 --no-memory --json "$out/bench_bf16_hook.json" 2>&1 |
+  grep -E "^trainer|^reference|speedup|parameters"
 for f in "$out"/*/summary.json; do echo "$f: $(cat "$f" | tr -d '\n ')"; done
 exit "$status"

@@ -66,6 +66,9 @@ def choose_hook(name: str, env: DistEnv, model: torch.nn.Module, hosts: list[str
     if name == "shm" and not possible:
         raise ConfigError("dist.comm_hook", name, "shared memory needs CPU ranks all on one "
                           "host and fp32 parameters", "use dist.comm_hook=auto")
+    if name == "bf16" and env.device.type != "cuda":
+        raise ConfigError("dist.comm_hook", name, "bf16 compression needs NCCL (CUDA GPUs); "
+                          "gloo cannot sum bf16", "use dist.comm_hook=auto on CPU")
     if name == "auto":
         return "shm" if possible else "allreduce"
     return name
