@@ -51,6 +51,6 @@ def test_quick_benchmark_on_two_ranks(tmp_path):
     # Peak memory does not grow with the dataset: 1e9 samples cost what 1e3 cost.
     m = r["memory_and_startup"]
     assert abs(m["peak_ratio_1e9_vs_1e3"] - 1) <= 0.05, m
-    assert all(0 < m[k]["startup_s"] < 120 for k in ("num_samples_1e+03", "num_samples_1e+09"))
+    assert all(0 < m[k]["startup_s"] < 120 for k in ("num_samples_1000", "num_samples_1000000000"))
     assert "speedup trainer / reference" in p.stdout and "busbw" in p.stdout
     assert png.stat().st_size > 20_000

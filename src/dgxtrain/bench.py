@@ -114,12 +114,12 @@ class Trainer:
 
 def timed_steps(loop: Any, first: int, steps: int, device: torch.device) -> float:
     """Seconds for `steps` steps of every rank, from a common start to the slowest end."""
-    perf._sync(device)
+    perf.sync(device)
     all_reduce_(torch.zeros(1, device=device))  # a common start
     started = time.perf_counter()
     for s in range(first, first + steps):
         loop.step(s)
-    perf._sync(device)
+    perf.sync(device)
     elapsed = torch.tensor([time.perf_counter() - started], device=device, dtype=torch.float64)
     return all_reduce_(elapsed, op="max").item()
 
@@ -153,12 +153,13 @@ def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> tuple[float, float
     return worst_abs, worst_rel
 
 
-def run(args: argparse.Namespace, env: DistEnv, work: Path) -> dict[str, Any]:
+def run(args: argparse.Namespace, env: DistEnv, work: Path,
+        watchdog: Watchdog) -> dict[str, Any]:
     overrides = STANDARD + (QUICK if args.quick else []) + args.overrides
     cfg = compose_config(overrides, args.micro_batch, env.world_size)
     spec = config.validate(cfg, env.world_size, torch.cuda.is_available())
+    torch.set_num_threads(cfg.dist.threads_per_rank or cores_per_rank())  # as train() does
     hosts = gather_objects(socket.gethostname())
-    watchdog = Watchdog(work / f"rank{env.rank}", env.rank)
     job = build_job(cfg, env, spec, work, watchdog)
     probe = job.dataset.sample(job.dataset.eval_indices()[:8])[0]
     per_sample = flops_per_sample(job.model, probe)
@@ -281,10 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup_logging(env.rank)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    torch.set_num_threads(cores_per_rank())  # as train() does
     with tempfile.TemporaryDirectory(prefix="dgxtrain-bench-") as tmp, \
-            process_group(env, timeout_s=1800):
-        result = run(args, env, Path(tmp))
+            Watchdog(Path(tmp), env.rank) as watchdog, process_group(env, timeout_s=1800):
+        result = run(args, env, Path(tmp), watchdog)
     if not env.is_main:
         return 0
     if not args.no_memory:

@@ -36,12 +36,12 @@ def memory_and_startup(overrides: list[str], micro_batch: int, steps: int) -> di
             last = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()][-2:]
             row = {k: v for d in last for k, v in d.items() if k.startswith("mem/")}
             summary = json.loads((run_dir / "summary.json").read_text())
-            out[f"num_samples_{n:.0e}"] = {
+            out[f"num_samples_{n}"] = {
                 "peak_gb": row.get("mem/max_allocated_gb", row["mem/max_rss_gb"]),
                 "measure": "cuda max allocated" if "mem/max_allocated_gb" in row else "max RSS",
                 "startup_s": summary["startup_s"]}
-    small, huge = out["num_samples_1e+03"], out["num_samples_1e+09"]
-    out["peak_ratio_1e9_vs_1e3"] = huge["peak_gb"] / small["peak_gb"]
+    out["peak_ratio_1e9_vs_1e3"] = (out["num_samples_1000000000"]["peak_gb"]
+                                    / out["num_samples_1000"]["peak_gb"])
     return out
 
 
@@ -67,9 +67,9 @@ def table(r: dict[str, Any]) -> str:
     if "mfu_vs_data_sheet" in r:
         lines.append(f"MFU vs data sheet ({r['data_sheet_peak_tflops']:.1f} TFLOP/s): "
                      f"{r['mfu_vs_data_sheet']:.3f}")
+    verdict = "equal" if a["equal"] else "DIFFERENT"
     lines.append(f"parameters after {a['steps']} steps: max |diff| {a['max_abs_diff']:.2e}, "
-                 f"max relative {a['max_rel_diff']:.2e} ({'equal' if a['equal'] else 'DIFFERENT'}"
-                 f" within {a['tolerance']:g})")
+                 f"max relative {a['max_rel_diff']:.2e} ({verdict} within {a['tolerance']:g})")
     if r["allreduce"]:
         lines.append("all-reduce   size     algbw GB/s  busbw GB/s")
         for row in r["allreduce"]:
@@ -77,10 +77,11 @@ def table(r: dict[str, Any]) -> str:
                          f"{row['busbw_gbps']:>11.3f}")
     m = r.get("memory_and_startup")
     if m:
-        small, huge = m["num_samples_1e+03"], m["num_samples_1e+09"]
+        small, huge = m["num_samples_1000"], m["num_samples_1000000000"]
         lines.append(f"peak memory ({small['measure']}): {small['peak_gb']:.3f} GB at 1e3 "
-                     f"samples, {huge['peak_gb']:.3f} GB at 1e9 (x{m['peak_ratio_1e9_vs_1e3']:.3f});"
-                     f" launch to first step {small['startup_s']:.1f} s / {huge['startup_s']:.1f} s")
+                     f"samples, {huge['peak_gb']:.3f} GB at 1e9 "
+                     f"(x{m['peak_ratio_1e9_vs_1e3']:.3f}); launch to first step "
+                     f"{small['startup_s']:.1f} s / {huge['startup_s']:.1f} s")
     return "\n".join(lines) + "\n"
 
 

@@ -147,7 +147,8 @@ def comm_wait_s(model: torch.nn.Module) -> float:
     if not hasattr(ddp, "_get_ddp_logging_data"):
         return 0.0
     data = ddp._get_ddp_logging_data()
-    comm_end, compute_end = data.get("backward_comm_time_end"), data.get("backward_compute_time_end")
+    comm_end = data.get("backward_comm_time_end")
+    compute_end = data.get("backward_compute_time_end")
     if not comm_end or not compute_end:
         return 0.0
     return max(0.0, (comm_end - compute_end) / 1e9)

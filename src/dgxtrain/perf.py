@@ -11,6 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
+
+from dgxtrain.dist import all_reduce_, broadcast_object
 
 # Dense TFLOP/s per GPU from NVIDIA's data sheets, SXM parts as in DGX systems.
 PEAK_TFLOPS = {
@@ -140,25 +143,21 @@ def allreduce_bandwidth(device: torch.device, sizes_bytes: list[int], min_time_s
     Collective: every rank calls it with the same sizes. The iteration count of each size is
     decided on rank 0 and shared, so all ranks issue the same collectives. GB/s are 1e9 B/s.
     """
-    import torch.distributed as tdist
-
-    from dgxtrain.dist import all_reduce_, broadcast_object
-
     n = tdist.get_world_size() if tdist.is_initialized() else 1
     rows = []
     for size in sizes_bytes:
         buf = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         all_reduce_(buf)  # warm-up: connections, buffers; also a first timing
-        _sync(device)
+        sync(device)
         first = time.perf_counter() - started
         iters = broadcast_object(max(1, min(max_iters, int(min_time_s / max(first, 1e-6)))))
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         for _ in range(iters):
             all_reduce_(buf)
-        _sync(device)
+        sync(device)
         # The slowest rank's time is the collective's time.
         elapsed = all_reduce_(torch.tensor([time.perf_counter() - started], device=device,
                                            dtype=torch.float64), op="max").item() / iters
@@ -168,6 +167,7 @@ def allreduce_bandwidth(device: torch.device, sizes_bytes: list[int], min_time_s
     return rows
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU, where work is synchronous)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
