@@ -11,7 +11,7 @@ import torch
 from dgxtrain import comm, dist
 from dgxtrain.config import ConfigError
 from dgxtrain.dist import DistEnv
-from tests.conftest import run_cli
+from tests.conftest import clean_env, run_cli
 from tests.test_ddp import SMALL
 
 
@@ -59,3 +59,11 @@ def test_shared_memory_all_reduce_gives_the_bits_of_gloo(tmp_path):
     assert shas["shm"] == shas["allreduce"]
     # Nothing is left in /dev/shm: the file is unlinked as soon as every rank mapped it.
     assert not list(Path("/dev/shm").glob("dgxtrain-*"))
+    # Where the shared file cannot be made, every rank falls back to gloo, with one warning.
+    p = run_cli(tmp_path / "fallback", [*SMALL, "optim=adamw"], nproc=2,
+                env=clean_env(DGXTRAIN_SHM_DIR=str(tmp_path / "missing")))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("shared-memory gradient all-reduce unavailable") == 1
+    assert "gradient all-reduce by allreduce" in p.stderr
+    fallback = json.loads((tmp_path / "fallback" / "summary.json").read_text())["param_sha256"]
+    assert fallback == shas["allreduce"]

@@ -24,11 +24,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dgxtrain.config import ConfigError
-from dgxtrain.dist import DistEnv, broadcast_object
+from dgxtrain.dist import DistEnv, all_agree, broadcast_object
 
 log = logging.getLogger(__name__)
-
-HOOKS = ("auto", "allreduce", "shm", "bf16")
 
 
 def wrap(model: torch.nn.Module, env: DistEnv, dist_cfg: Any, hosts: list[str],
@@ -45,9 +43,11 @@ def wrap(model: torch.nn.Module, env: DistEnv, dist_cfg: Any, hosts: list[str],
               # got gradients, and fixes its bucket order after the first step.
               static_graph=static_graph)
     hook = choose_hook(dist_cfg.comm_hook, env, model, hosts)
-    if hook == "shm":
-        ddp.register_comm_hook(ShmAllReduce(env, model, dist_cfg.bucket_cap_mb),
-                               ShmAllReduce.hook)
+    shm = ShmAllReduce.create(env, model, dist_cfg.bucket_cap_mb) if hook == "shm" else None
+    if shm is not None:
+        ddp.register_comm_hook(shm, ShmAllReduce.hook)
+    elif hook == "shm":
+        hook = "allreduce"
     elif hook == "bf16":
         # Halves the bytes on the wire and rounds every gradient to bf16 once: not the
         # fp32 maths of the other hooks, so never chosen by auto.
@@ -83,33 +83,53 @@ class ShmAllReduce:
     bucket is enough. The file is unlinked once mapped, so a crash leaves nothing behind.
     """
 
-    def __init__(self, env: DistEnv, model: torch.nn.Module, bucket_cap_mb: float):
-        self.rank, self.world = env.rank, env.world_size
-        numels = [p.numel() for p in model.parameters() if p.requires_grad]
-        # A bucket closes once it reaches the cap: at most cap + one parameter, at most all.
-        cap = int(bucket_cap_mb * 2**20 / 4)
-        self.slot = min(sum(numels), cap + max(numels))
-        # Barriers on a group of their own: never interleaved with the trainer's collectives.
-        self.group = tdist.new_group(backend="gloo")
-        size = 2 * self.world * self.slot * 4
-        path = broadcast_object(f"/dev/shm/dgxtrain-{uuid.uuid4().hex}")
-        if self.rank == 0:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            os.ftruncate(fd, size)
-        tdist.barrier(group=self.group)
-        if self.rank != 0:
-            fd = os.open(path, os.O_RDWR)
-        try:
-            self.buffer = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        tdist.barrier(group=self.group)
-        if self.rank == 0:
-            os.unlink(path)
-        self.slots = torch.frombuffer(self.buffer, dtype=torch.float32).view(2, self.world,
-                                                                             self.slot)
+    def __init__(self, rank: int, world: int, group: Any, buffer: mmap.mmap, slot: int):
+        self.rank, self.world, self.group, self.buffer = rank, world, group, buffer
+        self.slots = torch.frombuffer(buffer, dtype=torch.float32).view(2, world, slot)
         self.buckets, self.seconds = 0, 0.0  # seconds: all time spent here (the benchmark's)
         self.last_wait_s = 0.0  # the last backward's wait at the barriers: other ranks' lag
+
+    @classmethod
+    def create(cls, env: DistEnv, model: torch.nn.Module,
+               bucket_cap_mb: float) -> ShmAllReduce | None:
+        """Map one shared file on every rank, or return None on every rank (with a warning)
+        where that fails: a container's private /dev/shm, or one too small (Docker's 64 MB)."""
+        numels = [p.numel() for p in model.parameters() if p.requires_grad]
+        # A bucket closes once it reaches the cap: at most cap + one parameter, at most all.
+        slot = min(sum(numels), int(bucket_cap_mb * 2**20 / 4) + max(numels))
+        size = 2 * env.world_size * slot * 4
+        # Barriers on a group of their own: never interleaved with the trainer's collectives.
+        group = tdist.new_group(backend="gloo")
+        where = os.environ.get("DGXTRAIN_SHM_DIR", "/dev/shm")  # tmpfs, shared by the node
+        path = broadcast_object(f"{where}/dgxtrain-{uuid.uuid4().hex}")
+        buffer, error = None, ""
+        if env.rank == 0:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                try:
+                    # Reserved now: a full tmpfs would otherwise kill a rank with SIGBUS later.
+                    os.posix_fallocate(fd, 0, size)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                error = f"{path}: {e.strerror}"
+        if all_agree(not error, env.device):
+            try:
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    buffer = mmap.mmap(fd, size)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                error = f"{path}: {e.strerror}"
+        mapped = all_agree(buffer is not None, env.device)
+        if env.rank == 0 and os.path.exists(path):
+            os.unlink(path)  # every rank has mapped it (or given up): nothing left behind
+        if not mapped:  # said once, by rank 0: every rank falls back alike
+            (log.warning if env.is_main else log.debug)("shared-memory gradient all-reduce unavailable (%s, %.0f MB); using "
+                        "the backend's all-reduce", error or "another rank failed", size / 1e6)
+            return None
+        return cls(env.rank, env.world_size, group, buffer, slot)
 
     # No annotations: DDP compares them with its own classes, and under
     # `from __future__ import annotations` they would be strings.
