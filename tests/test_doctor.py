@@ -4,6 +4,7 @@ process without a launcher, and the checks as pure functions of gathered data.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,9 @@ def test_two_cpu_ranks_report(tmp_path):
     ranks = rep["ranks"]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     for r in ranks:
-        assert r["gemm_tflops"] > 0 and r["device"] == "cpu" and r["threads"] == 1
+        # Each rank gets its share of the cores, as training does.
+        assert r["gemm_tflops"] > 0 and r["device"] == "cpu"
+        assert r["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
         assert r["num_cpus"] >= 1 and r["host"]
     rows = rep["allreduce"]
     assert [r["bytes"] for r in rows] == [64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20]
