@@ -32,30 +32,42 @@ def test_data_on_gpu_equals_data_on_cpu():
     torch.testing.assert_close(yg.cpu(), yc, rtol=1e-4, atol=1e-4)
 
 
-def test_training_step_syncs_once_for_the_finite_check():
+def _count_syncs(fused: bool) -> tuple[int, int, list]:
+    """Host syncs in 4 training steps on the GPU, after a first one (lazy optimizer state)."""
     data = SyntheticRegression(16, 0.1, 10**6, 64, "nonlinear", 0, device="cuda")
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
                                 torch.nn.Linear(64, 1)).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     schedule = GlobalBatchSchedule(10**6, 0, 256, 0, 1, 64, device="cuda")
     batches = [schedule(s) for s in range(5)]  # the index chunk may sync, once
     autocast = make_autocast(torch.device("cuda"), "fp32")
-    train_step(model, opt, sched, data, batches[0], autocast, 1.0)  # lazy optimizer state
+    train_step(model, opt, sched, data, batches[0], autocast, 1.0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for b in batches[1:]:
-                loss, norm, applied, _ = train_step(model, opt, sched, data, b, autocast,
-                                                    1.0)
+            results = [train_step(model, opt, sched, data, b, autocast, 1.0)
+                       for b in batches[1:]]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    # One per step: whether the update is finite on every rank, decided before applying it.
-    assert len(syncs) == len(batches) - 1, [str(w.message) for w in syncs]
-    assert applied and torch.isfinite(loss) and norm > 0
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert all(r.flags.read() == (True, False) for r in results)
+    assert torch.isfinite(results[-1].loss) and results[-1].grad_norm > 0
+    return len(syncs), len(results), syncs
+
+
+def test_fused_training_step_never_syncs_with_the_host():
+    # The finite-update decision is taken on the device (found_inf) and read a step later.
+    syncs, steps, messages = _count_syncs(fused=True)
+    assert syncs == 0, messages
+
+
+def test_unfused_training_step_syncs_once_for_the_finite_check():
+    # An optimizer that cannot skip on the device: the host reads the decision, once a step.
+    syncs, steps, messages = _count_syncs(fused=False)
+    assert syncs == steps, messages
 
 
 def test_cuda_fp32_follows_the_cpu_trajectory(tmp_path):

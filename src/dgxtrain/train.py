@@ -57,11 +57,40 @@ class TrainState:
             setattr(self, k, v)
 
 
+class StepFlags:
+    """A step's decisions, summed over ranks: [loss non-finite, grad non-finite, stop?],
+    on their way to the host. On a GPU they are copied without blocking and read one step
+    later, when the device is long past them: the host never waits for the step it queued."""
+
+    def __init__(self, flags: torch.Tensor):
+        self.done = None
+        if flags.is_cuda:
+            self.host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self.host.copy_(flags, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host = flags
+
+    def read(self) -> tuple[bool, bool]:
+        """(the update was finite on every rank and taken, some rank asked to stop)."""
+        if self.done is not None:
+            self.done.synchronize()
+        f = self.host.tolist()
+        return not (f[0] or f[1]), len(f) > 2 and f[2] > 0
+
+
 class StepResult(NamedTuple):
     loss: torch.Tensor  # this rank's, on the device
     grad_norm: torch.Tensor
-    applied: bool  # the update was finite on every rank, and taken
-    stop: bool  # some rank asked to stop after this step
+    flags: StepFlags
+    deferred: bool  # the update was decided on the device: read the flags later
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused Adam/AdamW/SGD take `found_inf` (as from a GradScaler) and skip the whole
+    update inside the kernel where it is non-zero: no host read before the step."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -69,10 +98,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: torch.Tensor, autocast: Callable, grad_clip: float,
                poison: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
                stop: torch.Tensor | None = None, clock: PhaseClock | None = None,
-               ) -> StepResult:
+               halted: torch.Tensor | None = None) -> StepResult:
     """Forward/backward each micro-batch, clip, and step if the step is finite on every
     rank. `stop` (0 or 1, on the device) is this rank's wish to stop after this step;
-    `clock`, on log steps only, times the phases."""
+    `clock`, on log steps only, times the phases; `halted` (on the device, error mode) turns
+    1 at the first non-finite step, after which no update is applied."""
     accum = micro_batches.shape[0]
     loss_sum = None
     for i, idx in enumerate(micro_batches):
@@ -92,19 +122,28 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                grad_clip if grad_clip > 0 else math.inf)
     # Every rank must take the same decisions: the flags are summed over ranks (the
-    # gradients are all-reduced already). The step's one host sync, before any update.
+    # gradients are all-reduced already), before any update.
     flags = [~torch.isfinite(loss_sum), ~torch.isfinite(grad_norm)]
     if stop is not None:
         flags.append(stop > 0)
-    flags = all_reduce_(torch.stack(flags).float()).tolist()
-    applied = not (flags[0] or flags[1])
-    if applied:
+    flags = all_reduce_(torch.stack(flags).float())
+    deferred = skips_on_device(optimizer)
+    if deferred:
+        bad = (flags[:2].sum() > 0).float()  # 0-d, as a GradScaler's
+        if halted is not None:
+            bad = halted.copy_(torch.maximum(halted, bad))
+        optimizer.found_inf, optimizer.grad_scale = bad, None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    elif not any(flags[:2].tolist()):  # the host reads the flags here, once per step
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if clock:
         clock.mark("optim")
-    return StepResult(loss_sum, grad_norm, applied, len(flags) > 2 and flags[2] > 0)
+    return StepResult(loss_sum, grad_norm, StepFlags(flags), deferred)
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
@@ -197,6 +236,10 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker, stops: StopReque
     step_times: deque[float] = deque(maxlen=20)
     checkpoint_s, asked, stop_wish = 0.0, False, torch.zeros((), device=env.device)
     startup_s = 0.0  # launch to the end of this attempt's first step
+    pending: tuple[int, StepFlags] | None = None  # the last step, its decisions not yet read
+    # Error mode: once a step is non-finite no later update is applied, even one queued
+    # before the host read that step's flags.
+    halted = torch.zeros((), device=env.device) if t.nonfinite == "error" else None
     while state.step < t.max_steps and not state.stop_reason:
         step, started = state.step + 1, time.monotonic()
         # Log steps time their phases (a device sync per phase); the others do not.
@@ -209,35 +252,29 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker, stops: StopReque
         job.watchdog.arm(timeouts.timeout_s if step > first_step + 1
                          else timeouts.init_timeout_s)
         lr = job.optimizer.param_groups[0]["lr"]
-        loss, grad_norm, applied, stop = train_step(
+        loss, grad_norm, flags, deferred = train_step(
             job.wrapped, job.optimizer, job.scheduler, job.dataset, job.schedule(state.step),
             job.autocast, t.grad_clip, functools.partial(job.faults.poison, step=step), stop_wish,
-            clock)
+            clock, halted)
+        state.step = step
+        state.samples_seen += spec.global_batch_size
+        done = state.step == t.max_steps
+        # A step's decisions are read one step late, when the device is long past them,
+        # except where the host acts on this step: the first, logs, evaluations, saves, end.
+        if pending is not None:
+            settle(state, *pending, t, stops, spec.global_batch_size)
+        pending = (step, flags)
+        if (not deferred or clock or done or step == first_step + 1 or state.stop_reason
+                or every and step % every == 0 or t.eval_every and step % t.eval_every == 0):
+            settle(state, *pending, t, stops, spec.global_batch_size)
+            pending = None
+        if state.stop_reason == "non_finite":
+            break
         if step > first_step + 1:
             step_times.append(time.monotonic() - started)
         else:
             startup_s = seconds_since_launch(os.getppid() if env.launcher == "torchrun" else None)
             log.info("first step done %.1f s after launch", startup_s)
-        if not applied:
-            state.skipped_steps += 1
-            state.consecutive_skips += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped", step)
-            if t.nonfinite == "error":
-                state.stop_reason = "non_finite"  # the step is not counted: nothing changed
-                break
-            if state.consecutive_skips >= t.max_skipped:
-                state.stop_reason = "too_many_skips"
-        else:
-            state.consecutive_skips = 0
-        state.step = step
-        state.samples_seen += spec.global_batch_size
-        done = state.step == t.max_steps
-        if stop and not done and not state.stop_reason:
-            # The rank that asked says why; the others follow quietly.
-            (log.warning if stops.reason else log.info)(
-                "stopping after step %d for a requeue: %s", step,
-                stops.reason or "another rank asked")
-            state.stop_reason = "requeue"
         if clock:
             rows = gather_rows(local_row(loss, grad_norm, clock, comm_wait_s(job.wrapped),
                                          env.device)).tolist()
@@ -277,6 +314,31 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker, stops: StopReque
         "param_sha256": param_sha256(job.model), "wall_time_s": meter.elapsed(),
         "startup_s": startup_s,
     }
+
+
+def settle(state: TrainState, step: int, flags: StepFlags, t: Any, stops: StopRequests,
+           batch: int) -> None:
+    """Apply the decisions of step `step` (flags summed over ranks) to the loop's state."""
+    applied, stop = flags.read()
+    if not applied:
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        log.warning("step %d: non-finite loss or gradient, update skipped", step)
+        if t.nonfinite == "error":
+            # Neither this update nor any after it was applied: the run stands at step - 1.
+            state.samples_seen -= (state.step - step + 1) * batch
+            state.step, state.stop_reason = step - 1, "non_finite"
+            return
+        if state.consecutive_skips >= t.max_skipped:
+            state.stop_reason = "too_many_skips"
+    else:
+        state.consecutive_skips = 0
+    if stop and state.step < t.max_steps and not state.stop_reason:
+        # The rank that asked says why; the others follow quietly.
+        (log.warning if stops.reason else log.info)(
+            "stopping after step %d for a requeue: %s", state.step,
+            stops.reason or "another rank asked")
+        state.stop_reason = "requeue"
 
 
 def eval_metrics(result: dict[str, float]) -> dict[str, float]:
