@@ -107,7 +107,8 @@ class StopRequests:
                 return
 
     def poll(self, step_s: float, checkpoint_s: float) -> str:
-        """A reason to stop after the coming step, or ''."""
+        """A reason to stop soon, or ''. `step_s`: the time of the steps that still run
+        before the stop is honoured."""
         now = time.monotonic()
         if self.reason or now < self._next_poll:
             return self.reason
@@ -117,8 +118,9 @@ class StopRequests:
             self.reason = f"stop file {self.stop_file}" + (f" ({note})" if note else "")
         elif deadline_near(time.time(), self.end_time, step_s, checkpoint_s, self.margin_s):
             left = self.end_time - time.time() if self.end_time else 0.0
-            self.reason = (f"deadline: {left:.0f} s left, a step takes {step_s:.2f} s, a "
-                           f"checkpoint {checkpoint_s:.1f} s, margin {self.margin_s:g} s")
+            self.reason = (f"deadline: {left:.0f} s left, the steps before the save take "
+                           f"{step_s:.2f} s, a checkpoint {checkpoint_s:.1f} s, "
+                           f"margin {self.margin_s:g} s")
         return self.reason
 
     def consume(self) -> None:

@@ -244,7 +244,8 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker, stops: StopReque
         step, started = state.step + 1, time.monotonic()
         # Log steps time their phases (a device sync per phase); the others do not.
         clock = PhaseClock(env.device) if step % t.log_every == 0 or step == t.max_steps else None
-        if not asked and stops.poll(max(step_times, default=0.0), checkpoint_s):
+        # Two steps: a stop is read with the step after the one that asked (see settle).
+        if not asked and stops.poll(2 * max(step_times, default=0.0), checkpoint_s):
             stop_wish.fill_(1.0)  # shared in the step's all-reduce
             asked = True
         job.faults.before_step(step)
