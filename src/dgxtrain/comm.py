@@ -126,8 +126,9 @@ class ShmAllReduce:
         if env.rank == 0 and os.path.exists(path):
             os.unlink(path)  # every rank has mapped it (or given up): nothing left behind
         if not mapped:  # said once, by rank 0: every rank falls back alike
-            (log.warning if env.is_main else log.debug)("shared-memory gradient all-reduce unavailable (%s, %.0f MB); using "
-                        "the backend's all-reduce", error or "another rank failed", size / 1e6)
+            (log.warning if env.is_main else log.debug)(
+                "shared-memory gradient all-reduce unavailable (%s, %.0f MB); using the "
+                "backend's all-reduce", error or "another rank failed", size / 1e6)
             return None
         return cls(env.rank, env.world_size, group, buffer, slot)
 
