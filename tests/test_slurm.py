@@ -86,13 +86,19 @@ def log_of(out: Path, jid: str) -> str:
 def wait_job(out: Path, jid: str, timeout: float = 240) -> dict[str, str]:
     """Wait for the job to end. SLURM holds a requeued job for about two minutes before it
     may start again; here it is released at once (scontrol update StartTime=now)."""
-    end = time.monotonic() + timeout
+    end, held_since = time.monotonic() + timeout, None
     while time.monotonic() < end:
         info = job(jid)
         if info.get("JobState") in DONE_STATES:
             return info
         if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            scontrol("update", f"JobId={jid}", "StartTime=now")
+            # Not at once: slurmd revokes the ended attempt's credential as it cleans up, and
+            # a new attempt allocated before that is killed ("Job credential revoked").
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since >= 3:
+                scontrol("update", f"JobId={jid}", "StartTime=now")
+        else:
+            held_since = None
         time.sleep(1)
     scontrol("requeuehold", jid)  # hold it: nothing runs on after the test
     subprocess.run(["scancel", jid], env=slurm_env(), timeout=30)

@@ -43,7 +43,7 @@ def wrap(model: torch.nn.Module, env: DistEnv, dist_cfg: Any, hosts: list[str],
               # got gradients, and fixes its bucket order after the first step.
               static_graph=static_graph)
     hook = choose_hook(dist_cfg.comm_hook, env, model, hosts)
-    shm = ShmAllReduce.create(env, model, dist_cfg.bucket_cap_mb) if hook == "shm" else None
+    shm = ShmAllReduce.create(env, model) if hook == "shm" else None
     if shm is not None:
         ddp.register_comm_hook(shm, ShmAllReduce.hook)
     elif hook == "shm":
@@ -77,26 +77,26 @@ def choose_hook(name: str, env: DistEnv, model: torch.nn.Module, hosts: list[str
 class ShmAllReduce:
     """All-reduce of DDP buckets through a shared-memory file that every rank maps.
 
-    Two sets of slots, alternating per bucket: rank r copies bucket b into slot[b % 2][r],
-    waits at a barrier, and sums the slots. A rank can only write bucket b + 2 after the
-    barrier of b + 1, which every rank passes after it has read bucket b: one barrier per
-    bucket is enough. The file is unlinked once mapped, so a crash leaves nothing behind.
+    Each bucket is copied in as the backward produces it; at the last bucket one barrier,
+    then every bucket is summed and its future completed (DDP waits for them only after the
+    backward). Two sets of slots alternate per backward: a rank writes backward k + 2 only
+    after the barrier of k + 1, which every rank passes after it has read backward k. The
+    file is unlinked once mapped, so a crash leaves nothing behind.
     """
 
     def __init__(self, rank: int, world: int, group: Any, buffer: mmap.mmap, slot: int):
         self.rank, self.world, self.group, self.buffer = rank, world, group, buffer
         self.slots = torch.frombuffer(buffer, dtype=torch.float32).view(2, world, slot)
-        self.buckets, self.seconds = 0, 0.0  # seconds: all time spent here (the benchmark's)
-        self.last_wait_s = 0.0  # the last backward's wait at the barriers: other ranks' lag
+        self.backwards, self.offset = 0, 0
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.futures.Future]] = []
+        self.seconds = 0.0  # all time spent here (the benchmark's)
+        self.last_wait_s = 0.0  # the last backward's wait at the barrier: other ranks' lag
 
     @classmethod
-    def create(cls, env: DistEnv, model: torch.nn.Module,
-               bucket_cap_mb: float) -> ShmAllReduce | None:
+    def create(cls, env: DistEnv, model: torch.nn.Module) -> ShmAllReduce | None:
         """Map one shared file on every rank, or return None on every rank (with a warning)
         where that fails: a container's private /dev/shm, or one too small (Docker's 64 MB)."""
-        numels = [p.numel() for p in model.parameters() if p.requires_grad]
-        # A bucket closes once it reaches the cap: at most cap + one parameter, at most all.
-        slot = min(sum(numels), int(bucket_cap_mb * 2**20 / 4) + max(numels))
+        slot = sum(p.numel() for p in model.parameters() if p.requires_grad)  # every bucket
         size = 2 * env.world_size * slot * 4
         # Barriers on a group of their own: never interleaved with the trainer's collectives.
         group = tdist.new_group(backend="gloo")
@@ -138,21 +138,27 @@ class ShmAllReduce:
         started = time.perf_counter()
         grads = bucket.buffer()
         n = grads.numel()
-        slots = self.slots[self.buckets % 2, :, :n]
-        self.buckets += 1
+        if self.offset + n > self.slots.shape[2]:
+            raise RuntimeError(f"DDP bucket of {n} gradients past the shared slot's "
+                               f"{self.slots.shape[2]}; fix: dist.comm_hook=allreduce")
+        region = self.slots[self.backwards % 2, :, self.offset:self.offset + n]
+        self.offset += n
         # As DDP's own hook: each rank's share is divided first, then summed (the mean).
-        torch.div(grads, self.world, out=slots[self.rank])
-        # gloo's barrier goes through sockets: the copies above are visible after it.
-        arrived = time.perf_counter()
-        tdist.barrier(group=self.group)
-        # Buckets are reduced in index order: bucket 0 starts a backward's all-reduce.
-        waited = time.perf_counter() - arrived
-        self.last_wait_s = waited + (self.last_wait_s if bucket.index() else 0.0)
-        torch.add(slots[0], slots[1], out=grads)
-        for r in range(2, self.world):
-            grads.add_(slots[r])
+        torch.div(grads, self.world, out=region[self.rank])
         done = torch.futures.Future()
-        done.set_result(grads)
+        self.pending.append((grads, region, done))
+        if bucket.is_last():
+            # gloo's barrier goes through sockets: the copies above are visible after it.
+            arrived = time.perf_counter()
+            tdist.barrier(group=self.group)
+            self.last_wait_s = time.perf_counter() - arrived
+            for out, summands, future in self.pending:
+                torch.add(summands[0], summands[1], out=out)
+                for r in range(2, self.world):
+                    out.add_(summands[r])
+                future.set_result(out)
+            self.pending, self.offset = [], 0
+            self.backwards += 1
         self.seconds += time.perf_counter() - started
         return done
 
