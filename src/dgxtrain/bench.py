@@ -260,15 +260,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "workload, e.g. model.hidden_dim=8192 trainer.precision=bf16")
     p.add_argument("--quick", action="store_true", help="a small model and few steps (CI)")
     p.add_argument("--micro-batch", type=int, default=256, help="samples per rank and step")
-    p.add_argument("--rounds", type=int, help="interleaved rounds (default 7; quick 2)")
-    p.add_argument("--steps", type=int, help="steps per loop and round (default 30; quick 5)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 11; quick 2)")
+    p.add_argument("--steps", type=int, help="steps per loop and round (default 20; quick 5)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--png", type=Path, help="plot them here (needs matplotlib)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory and launch-time runs of the CLI")
     args = p.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 7)
-    args.steps = args.steps or (5 if args.quick else 30)
+    args.rounds = args.rounds or (2 if args.quick else 11)
+    args.steps = args.steps or (5 if args.quick else 20)
     args.warmup, args.phase_steps = (2, 3) if args.quick else (5, 10)
     for name in ("rounds", "steps", "micro_batch"):
         if getattr(args, name) < 1:
