@@ -23,6 +23,9 @@ else
   # A readable run dir name that every rank agrees on (a SLURM job names its own).
   [[ -n ${SLURM_JOB_ID:-} ]] || export DGXTRAIN_RUN_ID=${DGXTRAIN_RUN_ID:-$(date +%Y-%m-%d_%H-%M-%S)}
 fi
+# The trainer reports its first step's time from here: set-up before this is not start-up.
+DGXTRAIN_LAUNCH_TIME=$(date +%s.%N)
+export DGXTRAIN_LAUNCH_TIME
 # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of options
 exec "$PY" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$nproc" ${TORCHRUN_ARGS:-} \
   -m "${DGXTRAIN_MODULE:-dgxtrain}" "$@"

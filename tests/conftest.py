@@ -24,7 +24,8 @@ config.register_resolvers()
 # Launcher variables of an outer job must not leak into the processes tests start; nor the
 # W&B service that an in-process run started here (its processes would share it).
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "DGXTRAIN_RUN_ID", "WANDB_SERVICE")
+                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "DGXTRAIN_RUN_ID", "WANDB_SERVICE",
+                "DGXTRAIN_LAUNCH_TIME")
 
 
 def compose_cfg(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

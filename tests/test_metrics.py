@@ -1,11 +1,15 @@
-"""FLOP counts agree with the arithmetic; the parameter hash is the documented one."""
+"""FLOP counts agree with the arithmetic; the parameter hash is the documented one; the
+time since launch."""
 
 import hashlib
+import time
+from pathlib import Path
 
 import torch
 
 from dgxtrain.metrics import StepMeter, flops_per_sample, param_sha256
 from dgxtrain.model import LinearRegressor, MLPRegressor
+from dgxtrain.perf import seconds_since_launch
 
 
 def test_flops_per_sample_match_the_matmul_count():
@@ -35,3 +39,12 @@ def test_step_meter_rates():
     meter._t -= 2.0  # as if 2 s had passed
     m = meter.tick(10)
     assert abs(m["step_time_s"] - 0.2) < 0.01 and abs(m["samples_per_s"] - 500) < 25
+
+
+def test_seconds_since_launch(monkeypatch):
+    # This process's own start: after the machine booted, before now.
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    assert 0 < seconds_since_launch() < uptime
+    # scripts/launch.sh's stamp wins: set-up before it is not start-up.
+    monkeypatch.setenv("DGXTRAIN_LAUNCH_TIME", f"{time.time() - 5:.6f}")
+    assert 5 <= seconds_since_launch() < 6

@@ -13,7 +13,7 @@ from typing import Any
 
 # A launcher's variables would make the CLI wait for ranks that never come.
 _LAUNCH_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "TORCHELASTIC_", "SLURM_STEP",
-                    "GROUP_", "ROLE_", "DGXTRAIN_RUN_ID")
+                    "GROUP_", "ROLE_", "DGXTRAIN_RUN_ID", "DGXTRAIN_LAUNCH_TIME")
 
 
 def memory_and_startup(overrides: list[str], micro_batch: int, steps: int) -> dict[str, Any]:

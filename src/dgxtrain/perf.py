@@ -76,8 +76,11 @@ class PhaseClock:
 
 
 def seconds_since_launch(pid: int | None = None) -> float:
-    """Wall time since process `pid` (default: this one) started, from /proc; under torchrun
-    pass its agent's pid (the parent), which is what the user launched."""
+    """Wall time since the job was launched: DGXTRAIN_LAUNCH_TIME (epoch seconds, which
+    scripts/launch.sh sets just before it starts torchrun, after any set-up), else the start
+    of process `pid` (default: this one; under a bare torchrun, pass its agent's pid)."""
+    if os.environ.get("DGXTRAIN_LAUNCH_TIME"):
+        return time.time() - float(os.environ["DGXTRAIN_LAUNCH_TIME"])
     stat = Path(f"/proc/{pid or os.getpid()}/stat").read_text()
     started_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the name
     uptime = float(Path("/proc/uptime").read_text().split()[0])
