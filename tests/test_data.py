@@ -48,6 +48,17 @@ def test_features_are_standard_normal():
     assert abs(x[:, 0].double().pow(4).mean().item() - 3) < 0.15  # Gaussian kurtosis
 
 
+@pytest.mark.parametrize("dim", [1, 7, 8])
+def test_odd_widths_and_an_empty_batch(dim):
+    # Box-Muller yields pairs of columns: an odd width drops the last one; a rank with no
+    # evaluation samples gets empty tensors, not an error.
+    data = _data(dim=dim)
+    x, y = data.sample(torch.arange(5))
+    assert x.shape == (5, dim) and y.shape == (5,) and torch.isfinite(x).all()
+    x, y = data.sample(torch.arange(0))
+    assert x.shape == (0, dim) and y.shape == (0,)
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 4096])
 def test_feistel_is_a_bijection(n):
     perm = FeistelPermutation(n, seed=11)

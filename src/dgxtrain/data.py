@@ -73,7 +73,7 @@ def gaussian(key: int, idx: torch.Tensor, width: int) -> torch.Tensor:
     # 24-bit uniforms are exact in fp32; u1 is in (0, 1) so log(u1) is finite.
     r = (h1 >> 8).float().add_(0.5).mul_(2.0**-24).log_().mul_(-2.0).sqrt_()
     theta = (h2 >> 8).float().mul_(2.0 * math.pi * 2.0**-24)
-    out = torch.stack([r * theta.cos(), r.mul_(theta.sin_())], dim=-1).view(len(idx), -1)
+    out = torch.stack([r * theta.cos(), r.mul_(theta.sin_())], dim=-1).view(len(idx), 2 * pairs)
     return out[:, :width] if width % 2 else out
 
 
