@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dgxtrain import doctor
+from dgxtrain import doctor, perf
 from tests.conftest import ROOT, clean_env, kill_tree
 
 # Only the tests that start torchrun carry the marker; the pure-function tests stay fast
@@ -177,8 +177,8 @@ def test_environment_selection_and_redaction():
 
 
 def test_message_sizes_and_cpu_ranges():
-    assert doctor.message_sizes(2**30) == [64 * 4**k * 2**10 for k in range(8)]
-    assert doctor.message_sizes(100 * 2**20)[-2:] == [64 * 2**20, 100 * 2**20]
-    assert doctor.message_sizes(2**10) == [2**10]
+    assert perf.message_sizes(2**30) == [64 * 4**k * 2**10 for k in range(8)]
+    assert perf.message_sizes(100 * 2**20)[-2:] == [64 * 2**20, 100 * 2**20]
+    assert perf.message_sizes(2**10) == [2**10]
     assert doctor.cpu_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert doctor.cpu_ranges([3]) == "3"

@@ -126,20 +126,24 @@ def timed_steps(loop: Any, first: int, steps: int, device: torch.device) -> floa
 
 def phases(loop: Any, first: int, steps: int, device: torch.device, ddp: Any,
            hook: Any) -> dict[str, float]:
-    """Mean seconds per step in each phase. Communication: the time inside the shared-memory
-    hook (it is synchronous), else the wait DDP measured after the backward's compute."""
+    """Mean seconds per step in each phase, over `steps` steps; runs one step more.
+    Communication: the time inside the shared-memory hook (it is synchronous), else the
+    wait DDP measured after the backward's compute, which DDP files at the next forward:
+    step i's is read after step i + 1."""
     totals = {"data": 0.0, "fwd_bwd": 0.0, "comm": 0.0, "optim": 0.0}
-    if hook is None and hasattr(ddp, "_set_ddp_runtime_logging_sample_rate"):
+    lag = 0 if hook is not None else 1
+    if hasattr(ddp, "_set_ddp_runtime_logging_sample_rate"):
         ddp._set_ddp_runtime_logging_sample_rate(1)  # DDP times every step's all-reduce
-    for s in range(first, first + steps):
+    for i in range(steps + 1):
         clock, hook_before = perf.PhaseClock(device), getattr(hook, "seconds", 0.0)
-        loop.step(s, clock)
-        wait = (getattr(hook, "seconds", 0.0) - hook_before if hook is not None
-                else comm.comm_wait_s(ddp))
-        for name in ("data", "optim"):
-            totals[name] += clock.seconds[name]
-        totals["fwd_bwd"] += clock.seconds["fwd_bwd"] - wait
-        totals["comm"] += wait
+        loop.step(first + i, clock)
+        if i < steps:
+            for name in ("data", "fwd_bwd", "optim"):
+                totals[name] += clock.seconds[name]
+        if lag <= i < steps + lag:  # the wait of step i - lag
+            totals["comm"] += (hook.seconds - hook_before if hook is not None
+                               else comm.comm_wait_s(ddp))
+    totals["fwd_bwd"] -= totals["comm"]  # the wait happened inside the backward
     return {k: v / steps for k, v in totals.items()}
 
 
@@ -181,12 +185,13 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
                            job.wrapped if name == "trainer" else loop.ddp,
                            hook if name == "trainer" else None)
               for name, loop in loops.items()}
-    step += args.phase_steps
+    step += args.phase_steps + 1
     diff_abs, diff_rel = max_param_diff(job.model, loops["reference"].model)
     ranks = gather_objects({"rank": env.rank, "host": socket.gethostname(),
                             "threads": torch.get_num_threads(),
                             "peak_tflops": statistics.median(peaks)})
-    allreduce = (perf.allreduce_bandwidth(env.device, message_sizes(env.device, args.quick))
+    top = 2**22 if args.quick else (2**30 if env.device.type == "cuda" else 2**26)
+    allreduce = (perf.allreduce_bandwidth(env.device, perf.message_sizes(top, smallest=2**12))
                  if env.world_size > 1 else [])
     batch = spec.global_batch_size
     result: dict[str, Any] = {
@@ -232,25 +237,10 @@ def matmul_peak(device: torch.device, precision: str) -> float:
     return max(perf.measured_matmul_tflops(device, precision, 0.1, n) for n in sizes)
 
 
-def message_sizes(device: torch.device, quick: bool) -> list[int]:
-    top = 2**22 if quick else (2**30 if device.type == "cuda" else 2**26)
-    return [4**k for k in range(6, 16) if 4**k <= top]  # 4 KiB .. top
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{os.cpu_count()}-core {platform_cpu()}"
-
-
-def platform_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU"
+    return f"{os.cpu_count()}-core {perf.cpu_model()}"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

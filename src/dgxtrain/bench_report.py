@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dgxtrain.perf import human_bytes
+
 # A launcher's variables would make the CLI wait for ranks that never come.
 _LAUNCH_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "TORCHELASTIC_", "SLURM_STEP",
                     "GROUP_", "ROLE_", "DGXTRAIN_RUN_ID", "DGXTRAIN_LAUNCH_TIME")
@@ -73,7 +75,7 @@ def table(r: dict[str, Any]) -> str:
     if r["allreduce"]:
         lines.append("all-reduce   size     algbw GB/s  busbw GB/s")
         for row in r["allreduce"]:
-            lines.append(f"       {_size(row['bytes']):>10} {row['algbw_gbps']:>12.3f} "
+            lines.append(f"       {human_bytes(row['bytes']):>10} {row['algbw_gbps']:>12.3f} "
                          f"{row['busbw_gbps']:>11.3f}")
     m = r.get("memory_and_startup")
     if m:
@@ -83,13 +85,6 @@ def table(r: dict[str, Any]) -> str:
                      f"(x{m['peak_ratio_1e9_vs_1e3']:.3f}); launch to first step "
                      f"{small['startup_s']:.1f} s / {huge['startup_s']:.1f} s")
     return "\n".join(lines) + "\n"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:g} {unit}"
-    return f"{n} B"
 
 
 def plot(r: dict[str, Any], path: Path) -> None:

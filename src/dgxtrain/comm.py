@@ -164,9 +164,10 @@ class ShmAllReduce:
 
 
 def comm_wait_s(model: torch.nn.Module) -> float:
-    """How long the last all-reducing backward waited for the other ranks: the shared-memory
-    hook's barrier time, or what DDP's runtime logging sampled (the wait for the all-reduce
-    after the backward's own compute ended); 0 where there is no DDP."""
+    """How long a recent all-reducing backward waited for the other ranks: the shared-memory
+    hook's barrier time in the last backward, or what DDP's runtime logging sampled (the wait
+    for the all-reduce after the backward's own compute ended; DDP files a sampled step's
+    figures at the next forward, so they are of an earlier step); 0 where there is no DDP."""
     shm = shm_state(model)
     if shm is not None:
         return shm.last_wait_s

@@ -64,14 +64,6 @@ def versions() -> dict[str, str | None]:
             "cuda": torch.version.cuda, "nccl": nccl}
 
 
-def message_sizes(max_bytes: int) -> list[int]:
-    """Powers of 4 from 64 KiB up to max_bytes, which is always the last size."""
-    sizes = [min(64 * 2**10, max_bytes)]
-    while sizes[-1] * 4 <= max_bytes:
-        sizes.append(sizes[-1] * 4)
-    return sizes + [max_bytes] if sizes[-1] < max_bytes else sizes
-
-
 def cpu_ranges(cpus: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5', the way taskset and numactl write CPU lists."""
     out: list[str] = []
@@ -87,7 +79,7 @@ def node_devices(device: torch.device) -> dict[str, Any]:
     """What this node has: every visible GPU and how they are linked, or the CPU."""
     host = socket.gethostname()
     if device.type != "cuda":
-        return {"host": host, "type": "cpu", "count": os.cpu_count(), "name": _cpu_model()}
+        return {"host": host, "type": "cpu", "count": os.cpu_count(), "name": perf.cpu_model()}
     gpus = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
@@ -107,13 +99,6 @@ def _nvidia_topology() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None  # a nice-to-have: a broken driver shows in the other checks anyway
     return out.stdout.rstrip()
-
-
-def _cpu_model() -> str:
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
-                platform.machine())
 
 
 def rank_info(env: DistEnv, gemm_seconds: float, slow_rank: int | None) -> dict[str, Any]:
@@ -200,17 +185,11 @@ def check_busbw(ranks: list[dict[str, Any]], rows: list[dict[str, float]],
     expected = EXPECTED_BUSBW_GBPS[gpu]
     if top["busbw_gbps"] >= fraction * expected:
         return []
-    return [f"all-reduce busbw {top['busbw_gbps']:.1f} GB/s at {_size(top['bytes'])} is below "
-            f"{fraction:g} x the {expected:.0f} GB/s expected of {gpu} over NVLink; fix: check "
+    return [f"all-reduce busbw {top['busbw_gbps']:.1f} GB/s at "
+            f"{perf.human_bytes(top['bytes'])} is below {fraction:g} x the {expected:.0f} GB/s "
+            f"expected of {gpu} over NVLink; fix: check "
             "that nvidia-smi topo -m shows NV# links, nvidia-fabricmanager runs, and "
             "NCCL_P2P_DISABLE / NCCL_SHM_DISABLE / NCCL_P2P_LEVEL are unset"]
-
-
-def _size(b: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if b >= scale:
-            return f"{b / scale:g} {unit}"
-    return f"{b:g} B"
 
 
 def render(rep: dict[str, Any]) -> str:
@@ -237,8 +216,8 @@ def render(rep: dict[str, Any]) -> str:
         lines += [f"all-reduce (fp32 sum, {len(ranks)} ranks; busbw = algbw x 2(n-1)/n as in "
                   "nccl-tests):", f"  {'size':>10} {'time us':>11} {'algbw GB/s':>11} "
                   f"{'busbw GB/s':>11}"]
-        lines += [f"  {_size(r['bytes']):>10} {r['time_us']:>11.1f} {r['algbw_gbps']:>11.3f} "
-                  f"{r['busbw_gbps']:>11.3f}" for r in rows]
+        lines += [f"  {perf.human_bytes(r['bytes']):>10} {r['time_us']:>11.1f} "
+                  f"{r['algbw_gbps']:>11.3f} {r['busbw_gbps']:>11.3f}" for r in rows]
     else:
         lines.append("all-reduce: skipped, one rank (launch with torchrun or srun to measure)")
     lines.append("environment:" if rep["env"] else "environment: no NCCL/SLURM/launcher variables")
@@ -302,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict[str, float]] = []
         if env.world_size > 1:  # one rank has nothing to all-reduce with
             max_bytes = int((args.max_mb or (1024 if cuda else 64)) * 2**20)
-            log.info("measuring all-reduce up to %s", _size(max_bytes))
-            rows = perf.allreduce_bandwidth(env.device, message_sizes(max_bytes),
+            log.info("measuring all-reduce up to %s", perf.human_bytes(max_bytes))
+            rows = perf.allreduce_bandwidth(env.device, perf.message_sizes(max_bytes),
                                             min_time_s=0.1, max_iters=50)
         ranks = [r for r, _ in gathered]
         problems = (check_world(ranks, env.world_size) + check_devices(ranks) +

@@ -4,6 +4,7 @@ holds the others up. Measured on log steps only, where a host sync is allowed.""
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import statistics
 import time
@@ -136,6 +137,30 @@ def log_row(rows: list[list[float]], step_time_s: float, flops_per_step: float |
     busy = [d + f - w + o for d, f, w, o in zip(cols["data"], cols["fwd_bwd"],
                                                 cols["comm_wait"], cols["optim"])]
     return {**out, **stragglers(busy, hosts)}
+
+
+def message_sizes(max_bytes: int, smallest: int = 64 * 2**10) -> list[int]:
+    """Powers of 4 from `smallest` up to max_bytes, which is always the last size."""
+    sizes = [min(smallest, max_bytes)]
+    while sizes[-1] * 4 <= max_bytes:
+        sizes.append(sizes[-1] * 4)
+    return sizes + [max_bytes] if sizes[-1] < max_bytes else sizes
+
+
+def human_bytes(n: float) -> str:
+    """1048576 -> '1 MiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:g} {unit}"
+    return f"{n:g} B"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (the machine type where there is none)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                platform.machine())
 
 
 def allreduce_bandwidth(device: torch.device, sizes_bytes: list[int], min_time_s: float = 0.05,
