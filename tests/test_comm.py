@@ -3,6 +3,8 @@ hook may run; the threads a rank gets."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,50 @@ def test_shared_memory_all_reduce_gives_the_bits_of_gloo(tmp_path):
     assert "gradient all-reduce by allreduce" in p.stderr
     fallback = json.loads((tmp_path / "fallback" / "summary.json").read_text())["param_sha256"]
     assert fallback == shas["allreduce"]
+
+
+VOTES_SCRIPT = """
+import json, sys
+import torch, torch.distributed as tdist
+from omegaconf import OmegaConf
+from dgxtrain import comm, dist
+from dgxtrain.config import DistConfig
+env = dist.DistEnv.from_env("cpu")
+with dist.process_group(env, timeout_s=60):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    cfg = OmegaConf.structured(DistConfig(comm_hook=sys.argv[1]))
+    ddp = comm.wrap(model, env, cfg, ["host"] * env.world_size, uses_no_sync=True)
+    calls = []
+    original = tdist.all_reduce
+    tdist.all_reduce = lambda *a, **k: calls.append(1) or original(*a, **k)
+    out = {}
+    for name, sync in (("synced", True), ("no_sync", False)):
+        votes = comm.StepVotes(ddp, torch.tensor([float(env.rank == 0), float(env.rank == 1)]))
+        with dist.grad_sync(ddp, sync):
+            ddp(torch.randn(4, 8)).sum().backward()
+        calls.clear()
+        flags = votes.flags(torch.tensor([0.0]))
+        out[name] = {"flags": flags.tolist(), "collectives_after": len(calls)}
+    if env.rank == 0:
+        print(json.dumps(out))
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("hook", ["shm", "allreduce"])
+def test_step_votes_are_summed_over_ranks_riding_on_the_shared_memory_barrier(tmp_path, hook):
+    script = tmp_path / "votes.py"
+    script.write_text(VOTES_SCRIPT)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script), hook], env=clean_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    # Rank 0 voted [1, 0], rank 1 [0, 1]: every rank sees both, then its own local flag.
+    assert out["synced"]["flags"] == out["no_sync"]["flags"] == [1.0, 1.0, 0.0]
+    # Shared memory: the votes rode on the barrier the gradients needed anyway, none after
+    # the backward; gloo's all-reduce cannot carry them: one collective of their own.
+    assert out["synced"]["collectives_after"] == (0 if hook == "shm" else 1)
+    # A backward that all-reduces nothing (no_sync) carries no votes: they go on their own.
+    assert out["no_sync"]["collectives_after"] == 1

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from dgxtrain import checkpoint, logs
-from dgxtrain.comm import comm_wait_s
+from dgxtrain.comm import StepVotes, comm_wait_s
 from dgxtrain.config import validate
 from dgxtrain.dist import (DistEnv, all_reduce_, cores_per_rank, gather_objects, gather_rows,
                            grad_sync, process_group, world_size_from_env)
@@ -58,7 +58,7 @@ class TrainState:
 
 
 class StepFlags:
-    """A step's decisions, summed over ranks: [loss non-finite, grad non-finite, stop?],
+    """A step's decisions, summed over ranks: [loss non-finite, stop?, grad non-finite],
     on their way to the host. On a GPU they are copied without blocking and read one step
     later, when the device is long past them: the host never waits for the step it queued."""
 
@@ -77,7 +77,7 @@ class StepFlags:
         if self.done is not None:
             self.done.synchronize()
         f = self.host.tolist()
-        return not (f[0] or f[1]), len(f) > 2 and f[2] > 0
+        return not (f[0] or f[2]), f[1] > 0
 
 
 class StepResult(NamedTuple):
@@ -115,21 +115,22 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 pred = model(x)
             # Mean over the micro-batch / accum, averaged over ranks by DDP = global mean.
             loss = poison(F.mse_loss(pred.float().reshape(y.shape), y) / accum)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            if i == accum - 1:
+                # Every rank must take the same decisions: this rank's votes are summed
+                # over ranks, with the gradients where the all-reduce can carry them.
+                wish = stop > 0 if stop is not None else torch.zeros_like(loss_sum, dtype=bool)
+                votes = StepVotes(model, torch.stack([~torch.isfinite(loss_sum), wish]).float())
             loss.backward()
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if clock:
             clock.mark("fwd_bwd")  # includes the wait for DDP's gradient all-reduce
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                grad_clip if grad_clip > 0 else math.inf)
-    # Every rank must take the same decisions: the flags are summed over ranks (the
-    # gradients are all-reduced already), before any update.
-    flags = [~torch.isfinite(loss_sum), ~torch.isfinite(grad_norm)]
-    if stop is not None:
-        flags.append(stop > 0)
-    flags = all_reduce_(torch.stack(flags).float())
+    # [loss non-finite, stop?, gradient non-finite], before any update.
+    flags = votes.flags((~torch.isfinite(grad_norm)).float()[None])
     deferred = skips_on_device(optimizer)
     if deferred:
-        bad = (flags[:2].sum() > 0).float()  # 0-d, as a GradScaler's
+        bad = (flags[0] + flags[2] > 0).float()  # 0-d, as a GradScaler's
         if halted is not None:
             bad = halted.copy_(torch.maximum(halted, bad))
         optimizer.found_inf, optimizer.grad_scale = bad, None
@@ -137,7 +138,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             optimizer.step()
         finally:
             del optimizer.found_inf, optimizer.grad_scale
-    elif not any(flags[:2].tolist()):  # the host reads the flags here, once per step
+    elif not (flags[0] + flags[2]).item():  # the host reads the flags here, once per step
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
