@@ -72,7 +72,7 @@ def test_shared_memory_all_reduce_gives_the_bits_of_gloo(tmp_path):
 
 
 VOTES_SCRIPT = """
-import json, sys
+import gc, json, sys
 import torch, torch.distributed as tdist
 from omegaconf import OmegaConf
 from dgxtrain import comm, dist
@@ -94,6 +94,10 @@ with dist.process_group(env, timeout_s=60):
         calls.clear()
         flags = votes.flags(torch.tensor([0.0]))
         out[name] = {"flags": flags.tolist(), "collectives_after": len(calls)}
+    # As train() does: DDP's reducer freed after the group would join gloo's threads
+    # with the GIL held.
+    del ddp
+    gc.collect()
     if env.rank == 0:
         print(json.dumps(out))
 """

@@ -93,6 +93,15 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients together, as clip_grad_norm_ computes it, unclipped."""
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, dataset: Any,
                micro_batches: torch.Tensor, autocast: Callable, grad_clip: float,
@@ -124,16 +133,24 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             loss.backward()
         if clock:
             clock.mark("fwd_bwd")  # includes the wait for DDP's gradient all-reduce
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                               grad_clip if grad_clip > 0 else math.inf)
+    deferred = skips_on_device(optimizer)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    unclip = None
+    if deferred:
+        # The fused update divides the gradients by `grad_scale` as it reads them (as it
+        # unscales a GradScaler's): clipping costs the norm, not one more pass over them.
+        grad_norm = total_norm(grads)
+        if grad_clip > 0:  # clip_grad_norm_'s factor, max_norm / (norm + 1e-6), inverted
+            unclip = ((grad_norm + 1e-6) / grad_clip).clamp_(min=1.0)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip > 0 else math.inf)
     # [loss non-finite, stop?, gradient non-finite], before any update.
     flags = votes.flags((~torch.isfinite(grad_norm)).float()[None])
-    deferred = skips_on_device(optimizer)
     if deferred:
         bad = (flags[0] + flags[2] > 0).float()  # 0-d, as a GradScaler's
         if halted is not None:
             bad = halted.copy_(torch.maximum(halted, bad))
-        optimizer.found_inf, optimizer.grad_scale = bad, None
+        optimizer.found_inf, optimizer.grad_scale = bad, unclip
         try:
             optimizer.step()
         finally:
