@@ -61,3 +61,21 @@ def test_error_mode_applies_nothing_after_the_first_non_finite_step():
     result = train_step(model, opt, sched, data, schedule(2), autocast, 1.0, halted=halted)
     assert result.flags.read() == (True, False) and halted.item() == 1.0
     assert _same(before, _params(model))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipping_is_that_of_clip_grad_norm(fused):
+    # Fused: the kernel divides the gradients by grad_scale as it reads them; unfused:
+    # clip_grad_norm_. Either way the update is the one clip_grad_norm_ + AdamW gives.
+    autocast = make_autocast(torch.device("cpu"), "fp32")
+    for clip in (0.05, 0.0):  # 0.05 clips (the norm is ~1), 0 does not
+        data, model, opt, sched, schedule = _setup(fused)
+        _, ref, ref_opt, _, _ = _setup(False)
+        result = train_step(model, opt, sched, data, schedule(0), autocast, clip)
+        x, y = data.sample(schedule(0)[0])
+        torch.nn.functional.mse_loss(ref(x).reshape(y.shape), y).backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip or math.inf)
+        ref_opt.step()
+        assert torch.allclose(result.grad_norm, norm, rtol=1e-6) and norm > 20 * clip
+        moved = [(p - q).abs().max().item() for p, q in zip(model.parameters(), _params(ref))]
+        assert max(moved) < 1e-6, (clip, moved)

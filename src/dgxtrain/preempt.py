@@ -1,10 +1,11 @@
 """Stopping early to be requeued: a preemption signal, a stop file, or the job's deadline.
 
 A signal handler only records the request. The loop polls once per step; every rank's
-answer is summed over ranks with the step's other votes (comm.StepVotes), so all ranks stop after the same step, write
-one checkpoint together and exit with EXIT_REQUEUE. The stop file is the way through
-torchrun, which forwards only some signals to its workers: the batch shell traps the
-warning signal and touches <control dir>/stop, and rank 0 sees it within `poll_s`.
+answer is summed over ranks with the step's other votes (comm.StepVotes), so all ranks stop
+after the same step, write one checkpoint together and exit with EXIT_REQUEUE. The stop
+file is the way through torchrun, which forwards only some signals to its workers: the
+batch shell traps the warning signal and touches <control dir>/stop, and rank 0 sees it
+within `poll_s`.
 """
 
 from __future__ import annotations

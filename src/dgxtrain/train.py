@@ -133,17 +133,16 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             loss.backward()
         if clock:
             clock.mark("fwd_bwd")  # includes the wait for DDP's gradient all-reduce
-    deferred = skips_on_device(optimizer)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    unclip = None
+    deferred, unclip = skips_on_device(optimizer), None
     if deferred:
         # The fused update divides the gradients by `grad_scale` as it reads them (as it
         # unscales a GradScaler's): clipping costs the norm, not one more pass over them.
-        grad_norm = total_norm(grads)
+        grad_norm = total_norm([p.grad for p in model.parameters() if p.grad is not None])
         if grad_clip > 0:  # clip_grad_norm_'s factor, max_norm / (norm + 1e-6), inverted
             unclip = ((grad_norm + 1e-6) / grad_clip).clamp_(min=1.0)
     else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip > 0 else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   grad_clip if grad_clip > 0 else math.inf)
     # [loss non-finite, stop?, gradient non-finite], before any update.
     flags = votes.flags((~torch.isfinite(grad_norm)).float()[None])
     if deferred:
