@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from dgxtrain import checkpoint, logs
 from dgxtrain.comm import StepVotes, comm_wait_s
 from dgxtrain.config import validate
-from dgxtrain.dist import (DistEnv, all_reduce_, cores_per_rank, gather_objects, gather_rows,
-                           grad_sync, process_group, world_size_from_env)
+from dgxtrain.dist import (DistEnv, cores_per_rank, gather_objects, gather_rows, grad_sync,
+                           process_group, world_size_from_env)
 from dgxtrain.evaluate import evaluate
 from dgxtrain.faults import Watchdog
 from dgxtrain.job import Job, build_job, describe, distribute, resume, save_checkpoint
