@@ -1,4 +1,5 @@
-"""Optimizer from the `optim` group, and the learning-rate schedule."""
+"""Optimizer from the `optim` group, what it can do inside its kernel, and the learning-rate
+schedule."""
 
 from __future__ import annotations
 
@@ -26,3 +27,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_ste
                     min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, max_steps, min_ratio))
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused Adam/AdamW/SGD take `found_inf` (as from a GradScaler) and skip the whole
+    update inside the kernel where it is non-zero: no host read before the step."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients together, as clip_grad_norm_ computes it, unclipped."""
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

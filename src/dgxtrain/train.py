@@ -32,6 +32,7 @@ from dgxtrain.evaluate import evaluate
 from dgxtrain.faults import Watchdog
 from dgxtrain.job import Job, build_job, describe, distribute, resume, save_checkpoint
 from dgxtrain.metrics import StepMeter, param_sha256
+from dgxtrain.optim import skips_on_device, total_norm
 from dgxtrain.perf import PhaseClock, local_row, log_row, seconds_since_launch
 from dgxtrain.preempt import EXIT_REQUEUE, Requeue, StopRequests, control_dir, job_end_time
 from dgxtrain.tracking import NullTracker, build_tracker, redact, run_identity
@@ -85,21 +86,6 @@ class StepResult(NamedTuple):
     grad_norm: torch.Tensor
     flags: StepFlags
     deferred: bool  # the update was decided on the device: read the flags later
-
-
-def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Fused Adam/AdamW/SGD take `found_inf` (as from a GradScaler) and skip the whole
-    update inside the kernel where it is non-zero: no host read before the step."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-
-
-def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all gradients together, as clip_grad_norm_ computes it, unclipped."""
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        return torch.nn.utils.get_total_norm(grads)
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
