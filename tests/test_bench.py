@@ -30,15 +30,15 @@ def test_quick_benchmark_on_two_ranks(tmp_path):
         assert all(s > 0 for s in loop["samples_per_s"])
         assert loop["median_samples_per_s"] == statistics.median(loop["samples_per_s"])
         assert math.isclose(sum(loop["phase_share"].values()), 1.0, rel_tol=1e-9)
-        assert all(v >= 0 for v in loop["phase_s"].values())
-        assert 0 < loop["fraction_of_matmul_peak"] < 2
+        assert all(v >= 0 for v in loop["phase_s"].values()), (name, loop["phase_s"])
+        assert 0 < loop["fraction_of_matmul_peak"] < 2, (name, loop)
         tflops = r["workload"]["flops_per_sample"] * loop["median_samples_per_s"] / 2 / 1e12
         assert math.isclose(loop["tflops_per_device"], tflops, rel_tol=1e-9)
     assert math.isclose(r["speedup"], r["loops"]["trainer"]["median_samples_per_s"]
                         / r["loops"]["reference"]["median_samples_per_s"], rel_tol=1e-9)
     # The same mathematics: after identical batches the parameters agree in fp32.
     a = r["agreement"]
-    assert a["steps"] > 10 and a["equal"] and a["max_abs_diff"] <= 1e-5
+    assert a["steps"] > 10 and a["equal"] and a["max_abs_diff"] <= 1e-5, a
     # nccl-tests definitions: busbw = algbw * 2(n-1)/n, which is algbw itself at n = 2.
     sizes = [row["bytes"] for row in r["allreduce"]]
     assert sizes == sorted(sizes) and len(sizes) >= 4
@@ -51,6 +51,7 @@ def test_quick_benchmark_on_two_ranks(tmp_path):
     # Peak memory does not grow with the dataset: 1e9 samples cost what 1e3 cost.
     m = r["memory_and_startup"]
     assert abs(m["peak_ratio_1e9_vs_1e3"] - 1) <= 0.05, m
-    assert all(0 < m[k]["startup_s"] < 120 for k in ("num_samples_1000", "num_samples_1000000000"))
+    assert all(0 < m[k]["startup_s"] < 120
+               for k in ("num_samples_1000", "num_samples_1000000000")), m
     assert "speedup trainer / reference" in p.stdout and "busbw" in p.stdout
     assert png.stat().st_size > 20_000

@@ -132,8 +132,8 @@ def phases(loop: Any, first: int, steps: int, device: torch.device, ddp: Any,
     step i's is read after step i + 1."""
     totals = {"data": 0.0, "fwd_bwd": 0.0, "comm": 0.0, "optim": 0.0}
     lag = 0 if hook is not None else 1
-    if hasattr(ddp, "_set_ddp_runtime_logging_sample_rate"):
-        ddp._set_ddp_runtime_logging_sample_rate(1)  # DDP times every step's all-reduce
+    sampling = getattr(ddp, "_set_ddp_runtime_logging_sample_rate", lambda rate: None)
+    sampling(1)  # DDP times every step's all-reduce (on GPUs, with a sync per step)
     for i in range(steps + 1):
         clock, hook_before = perf.PhaseClock(device), getattr(hook, "seconds", 0.0)
         loop.step(first + i, clock)
@@ -143,6 +143,7 @@ def phases(loop: Any, first: int, steps: int, device: torch.device, ddp: Any,
         if lag <= i < steps + lag:  # the wait of step i - lag
             totals["comm"] += (hook.seconds - hook_before if hook is not None
                                else comm.comm_wait_s(ddp))
+    sampling(100)  # DDP's default again for the timed steps: one step in 100
     totals["fwd_bwd"] -= totals["comm"]  # the wait happened inside the backward
     return {k: v / steps for k, v in totals.items()}
 
