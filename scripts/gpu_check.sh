@@ -22,17 +22,17 @@ DGXTRAIN_PYTHON=$PY DGXTRAIN_RUN_ID=gpu_check DGXTRAIN_OUTPUT_ROOT="$out" script
   trainer.max_steps=1200 2>&1 | grep -E "resumed from|step 1200/|rror"
 # Preflight: devices, versions, GEMM per GPU, NCCL all-reduce busbw.
 gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
-"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.doctor \
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.tools.doctor \
   --json "$out/doctor.json" 2>&1 | tee "$out/doctor.txt" | grep -vE "^W[0-9]"
 # The benchmark on the wide MLP (hidden 8192), bf16 autocast + torch.compile: MFU against
 # the data sheet's dense bf16 peak (989 TFLOP/s on H100/H200), and the standard workload.
-"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.bench \
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.tools.bench \
   model.hidden_dim=8192 trainer.precision=bf16 trainer.compile=true --micro-batch 4096 \
   --rounds 5 --steps 20 --no-memory --json "$out/bench_wide_bf16.json" 2>&1 | grep -vE "^W[0-9]|INFO"
-"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.bench \
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.tools.bench \
   --json "$out/bench_standard.json" 2>&1 | grep -vE "^W[0-9]|INFO"
 # bf16 gradient compression changes the numerics: benchmarked on its own, never a default.
-"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.bench \
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.tools.bench \
   dist.comm_hook=bf16 --rounds 3 --no-memory --json "$out/bench_bf16_hook.json" 2>&1 |
   grep -E "^trainer|^reference|speedup|parameters"
 for f in "$out"/*/summary.json; do echo "$f: $(cat "$f" | tr -d '\n ')"; done

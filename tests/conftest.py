@@ -15,11 +15,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dgxtrain import config
+from dgxtrain.dist.env import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 config.register_configs()
-config.register_resolvers()
+register_resolvers()
 
 # Launcher variables of an outer job must not leak into the processes tests start; nor the
 # W&B service that an in-process run started here (its processes would share it).

@@ -17,14 +17,16 @@ pytestmark = pytest.mark.multiprocess
 def test_quick_benchmark_on_two_ranks(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", "-m", "dgxtrain.bench", "--quick",
+                        "--nproc_per_node=2", "-m", "dgxtrain.tools.bench", "--quick",
                         "--json", str(out), "--png", str(png)],
                        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["workload"]["world_size"] == 2 and r["workload"]["hook"] == "ShmAllReduce"
-    # Both loops ran every round, and the reported figures follow from the raw ones.
-    for name in ("trainer", "reference"):
+    # The default path, the tuned plain DDP loop, and the opt-in shared-memory path.
+    assert r["workload"]["world_size"] == 2
+    assert r["workload"]["loops"] == ["trainer", "reference", "trainer_shm"]
+    # Every loop ran every round, and the reported figures follow from the raw ones.
+    for name in r["workload"]["loops"]:
         loop = r["loops"][name]
         assert len(loop["samples_per_s"]) == r["workload"]["rounds"] == 2
         assert all(s > 0 for s in loop["samples_per_s"])
@@ -34,9 +36,11 @@ def test_quick_benchmark_on_two_ranks(tmp_path):
         assert 0 < loop["fraction_of_matmul_peak"] < 2, (name, loop)
         tflops = r["workload"]["flops_per_sample"] * loop["median_samples_per_s"] / 2 / 1e12
         assert math.isclose(loop["tflops_per_device"], tflops, rel_tol=1e-9)
-    assert math.isclose(r["speedup"], r["loops"]["trainer"]["median_samples_per_s"]
-                        / r["loops"]["reference"]["median_samples_per_s"], rel_tol=1e-9)
-    # The same mathematics: after identical batches the parameters agree in fp32.
+    for key, name in (("speedup", "trainer"), ("speedup_shm", "trainer_shm")):
+        assert math.isclose(r[key], r["loops"][name]["median_samples_per_s"]
+                            / r["loops"]["reference"]["median_samples_per_s"], rel_tol=1e-9)
+    # The same mathematics: after identical batches the parameters agree in fp32 (each
+    # trainer path against the reference).
     a = r["agreement"]
     assert a["steps"] > 10 and a["equal"] and a["max_abs_diff"] <= 1e-5, a
     # nccl-tests definitions: busbw = algbw * 2(n-1)/n, which is algbw itself at n = 2.

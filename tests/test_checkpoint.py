@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dgxtrain.checkpoint import CheckpointError, _sha256, verify
-from dgxtrain.train import train
+from dgxtrain.loop.train import train
 from tests.conftest import compose_cfg, read_metrics
 
 # Constant LR: a run's trajectory then does not depend on max_steps, so a run extended

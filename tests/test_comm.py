@@ -1,5 +1,6 @@
-"""How gradients are all-reduced: the shared-memory hook gives gloo's bits, and where each
-hook may run; the threads a rank gets."""
+"""How gradients are all-reduced and how ranks agree: auto is the backend's all-reduce, the
+opt-in shared-memory hook gives gloo's bits, a step's decision rides on the gradients' own
+all-reduce; the threads a rank gets."""
 
 import json
 import os
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgxtrain import comm, dist
-from dgxtrain.config import ConfigError
-from dgxtrain.dist import DistEnv
+from dgxtrain.dist import ddp
+from dgxtrain.dist.env import DistEnv, cores_per_rank
+from dgxtrain.errors import ConfigError
 from tests.conftest import clean_env, run_cli
 from tests.test_ddp import SMALL
 
@@ -21,32 +22,35 @@ def _env(device: str = "cpu", world: int = 2) -> DistEnv:
     return DistEnv(0, 0, world, "torchrun", torch.device(device))
 
 
-def test_auto_takes_shared_memory_only_where_it_works():
+def test_auto_takes_the_backends_all_reduce_on_every_device():
+    # CPU tests run the path GPU users run; shared memory is asked for, never chosen.
     model = torch.nn.Linear(4, 1)
-    assert comm.choose_hook("auto", _env(), model, ["a", "a"]) == "shm"
-    assert comm.choose_hook("auto", _env(), model, ["a", "b"]) == "allreduce"  # two hosts
-    assert comm.choose_hook("auto", _env(world=1), model, ["a"]) == "allreduce"
-    assert comm.choose_hook("auto", _env("cuda"), model, ["a", "a"]) == "allreduce"  # NCCL
-    assert comm.choose_hook("auto", _env(), model.double(), ["a", "a"]) == "allreduce"
+    for env, hosts in ((_env(), ["a", "a"]), (_env("cuda"), ["a", "a"]), (_env(), ["a", "b"])):
+        assert ddp.choose_hook("auto", env, model, hosts) == "allreduce"
+    assert ddp.choose_hook("shm", _env(), model, ["a", "a"]) == "shm"
     with pytest.raises(ConfigError, match="dist.comm_hook=shm: .*one host.*fix"):
-        comm.choose_hook("shm", _env(), model.float(), ["a", "b"])
+        ddp.choose_hook("shm", _env(), model, ["a", "b"])
+    with pytest.raises(ConfigError, match="dist.comm_hook=shm: .*two or more"):
+        ddp.choose_hook("shm", _env(world=1), model, ["a"])
+    with pytest.raises(ConfigError, match="dist.comm_hook=shm: .*fp32"):
+        ddp.choose_hook("shm", _env(), model.double(), ["a", "a"])
     with pytest.raises(ConfigError, match="dist.comm_hook=bf16: .*NCCL"):
-        comm.choose_hook("bf16", _env(), model, ["a", "a"])
+        ddp.choose_hook("bf16", _env(), model.float(), ["a", "a"])
 
 
 def test_threads_per_rank_are_the_cores_it_owns(monkeypatch):
     owned = len(os.sched_getaffinity(0))
-    assert dist.cores_per_rank() == owned  # one process owns them all
+    assert cores_per_rank() == owned  # one process owns them all
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(owned))
-    assert dist.cores_per_rank() == 1  # torchrun: its ranks share the affinity
+    assert cores_per_rank() == 1  # torchrun: its ranks share the affinity
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(owned * 4))
-    assert dist.cores_per_rank() == 1  # never 0
+    assert cores_per_rank() == 1  # never 0
     for k in ("RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
-    assert dist.cores_per_rank() == 1  # srun says how many
+    assert cores_per_rank() == 1  # srun says how many
 
 
 @pytest.mark.multiprocess
@@ -62,7 +66,7 @@ def test_shared_memory_all_reduce_gives_the_bits_of_gloo(tmp_path):
     # Nothing is left in /dev/shm: the file is unlinked as soon as every rank mapped it.
     assert not list(Path("/dev/shm").glob("dgxtrain-*"))
     # Where the shared file cannot be made, every rank falls back to gloo, with one warning.
-    p = run_cli(tmp_path / "fallback", [*SMALL, "optim=adamw"], nproc=2,
+    p = run_cli(tmp_path / "fallback", [*SMALL, "optim=adamw", "dist.comm_hook=shm"], nproc=2,
                 env=clean_env(DGXTRAIN_SHM_DIR=str(tmp_path / "missing")))
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stderr.count("shared-memory gradient all-reduce unavailable") == 1
@@ -71,52 +75,64 @@ def test_shared_memory_all_reduce_gives_the_bits_of_gloo(tmp_path):
     assert fallback == shas["allreduce"]
 
 
-VOTES_SCRIPT = """
-import gc, json, sys
+DECISION_SCRIPT = """
+import gc, json, math, sys
 import torch, torch.distributed as tdist
-from omegaconf import OmegaConf
-from dgxtrain import comm, dist
 from dgxtrain.config import DistConfig
-env = dist.DistEnv.from_env("cpu")
-with dist.process_group(env, timeout_s=60):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 1)
-    cfg = OmegaConf.structured(DistConfig(comm_hook=sys.argv[1]))
-    ddp = comm.wrap(model, env, cfg, ["host"] * env.world_size, uses_no_sync=True)
+from dgxtrain.dist import ddp
+from dgxtrain.dist.collectives import process_group
+from dgxtrain.dist.env import DistEnv
+from dgxtrain.loop.step import train_step
+from tests.test_step import make_parts
+env = DistEnv.from_env("cpu")
+with process_group(env, timeout_s=60):
+    parts, schedule = make_parts(fused=sys.argv[1] == "fused", mode="skip")
+    model = parts.model
+    parts.model = ddp.wrap(model, env, DistConfig(comm_hook=sys.argv[2]),
+                           ["host"] * env.world_size, uses_no_sync=False)
+    nan = [False]
+    # Rank 1 alone makes its loss NaN at step 2: every rank must skip that update.
+    model.register_forward_hook(lambda m, a, out: out * math.nan if nan[0] else out)
     calls = []
-    original = tdist.all_reduce
-    tdist.all_reduce = lambda *a, **k: calls.append(1) or original(*a, **k)
-    out = {}
-    for name, sync in (("synced", True), ("no_sync", False)):
-        votes = comm.StepVotes(ddp, torch.tensor([float(env.rank == 0), float(env.rank == 1)]))
-        with dist.grad_sync(ddp, sync):
-            ddp(torch.randn(4, 8)).sum().backward()
-        calls.clear()
-        flags = votes.flags(torch.tensor([0.0]))
-        out[name] = {"flags": flags.tolist(), "collectives_after": len(calls)}
-    # As train() does: DDP's reducer freed after the group would join gloo's threads
-    # with the GIL held.
-    del ddp
+    for name in ("all_reduce", "all_gather", "broadcast", "barrier", "all_gather_object"):
+        original = getattr(tdist, name)
+        setattr(tdist, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    before = None
+    for step in (1, 2, 3):
+        nan[0] = step == 2 and env.rank == 1
+        if step == 2:
+            before = [p.detach().clone() for p in model.parameters()]
+        train_step(parts, schedule(step - 1), step)
+        if step == 2:
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    reading = parts.guard.read()
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    out = {"rank": env.rank, "reading": list(reading), "unchanged_at_2": unchanged,
+           "python_collectives": calls, "checksum": weights.double().sum().item()}
+    parts.model = None  # as train() does: DDP's reducer freed before the group
     gc.collect()
-    if env.rank == 0:
-        print(json.dumps(out))
+    print("RESULT " + json.dumps(out))
 """
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("hook", ["shm", "allreduce"])
-def test_step_votes_are_summed_over_ranks_riding_on_the_shared_memory_barrier(tmp_path, hook):
-    script = tmp_path / "votes.py"
-    script.write_text(VOTES_SCRIPT)
+@pytest.mark.parametrize("fused,hook", [("fused", "auto"), ("unfused", "auto"),
+                                        ("fused", "shm")])
+def test_every_rank_skips_a_step_that_is_non_finite_on_one_without_a_collective(
+        tmp_path, fused, hook):
+    script = tmp_path / "decide.py"
+    script.write_text(DECISION_SCRIPT)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", str(script), hook], env=clean_env(),
+                        "--nproc_per_node=2", str(script), fused, hook], env=clean_env(),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
-    # Rank 0 voted [1, 0], rank 1 [0, 1]: every rank sees both, then its own local flag.
-    assert out["synced"]["flags"] == out["no_sync"]["flags"] == [1.0, 1.0, 0.0]
-    # Shared memory: the votes rode on the barrier the gradients needed anyway, none after
-    # the backward; gloo's all-reduce cannot carry them: one collective of their own.
-    assert out["synced"]["collectives_after"] == (0 if hook == "shm" else 1)
-    # A backward that all-reduces nothing (no_sync) carries no votes: they go on their own.
-    assert out["no_sync"]["collectives_after"] == 1
+    rows = [json.loads(line.split("RESULT ", 1)[1]) for line in p.stdout.splitlines()
+            if "RESULT " in line]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    for r in rows:
+        # Rank 0's loss was finite, yet it skipped too: the NaN reached it in the gradients.
+        assert r["reading"] == [1, 0, 0] and r["unchanged_at_2"], r
+        # The decision took no collective of its own: DDP's gradient all-reduce carried it
+        # (the shared-memory hook's one barrier per backward is that all-reduce).
+        assert r["python_collectives"] == (["barrier"] * 3 if hook == "shm" else []), r
+    assert rows[0]["checksum"] == rows[1]["checksum"]  # and the ranks still agree

@@ -4,7 +4,8 @@ before any process group could start."""
 import pytest
 from omegaconf import OmegaConf
 
-from dgxtrain.config import ConfigError, validate
+from dgxtrain.config import TrainerConfig, load
+from dgxtrain.errors import ConfigError
 from tests.conftest import CONF, clean_env, compose_cfg, free_port, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -18,23 +19,24 @@ def test_there_are_experiments():
 def test_every_experiment_composes_and_validates(name):
     cfg = compose_cfg([f"experiment={name}"])
     world = 8 if name.startswith("dgx") else 2
-    spec = validate(cfg, world_size=world, cuda_available=True)
+    config, spec = load(cfg, world_size=world, cuda_available=True)
+    assert isinstance(config.trainer, TrainerConfig)  # typed: the code reads dataclasses
     assert spec.global_batch_size == spec.micro_batch_size * world * spec.grad_accum_steps
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
 def test_grad_accum_is_derived():
     cfg = compose_cfg(["trainer.global_batch_size=64", "trainer.micro_batch_size=8"])
-    assert validate(cfg, 2, False).grad_accum_steps == 4
+    assert load(cfg, 2, False)[1].grad_accum_steps == 4
     cfg = compose_cfg(["trainer.global_batch_size=64"])  # micro null: global / world
-    spec = validate(cfg, 4, False)
+    spec = load(cfg, 4, False)[1]
     assert (spec.micro_batch_size, spec.grad_accum_steps) == (16, 1)
 
 
 def test_validation_names_key_and_fix():
     cfg = compose_cfg(["trainer.global_batch_size=30", "trainer.micro_batch_size=4"])
     with pytest.raises(ConfigError) as e:
-        validate(cfg, world_size=2, cuda_available=False)
+        load(cfg, world_size=2, cuda_available=False)
     assert e.value.key == "trainer.global_batch_size"
     assert "micro_batch_size * world_size = 4 * 2 = 8" in str(e.value)
     assert "fix: use a multiple of 8" in str(e.value)
@@ -87,3 +89,12 @@ def test_config_error_under_torchrun_is_printed_once(tmp_path):
     p = run_cli(tmp_path / "run", ["trainer.global_batch_size=33"], nproc=2, timeout=120)
     assert p.returncode != 0
     assert (p.stdout + p.stderr).count("dgxtrain: config error: trainer.global_batch_size=33") == 1
+
+
+def test_range_checks_live_with_their_fields():
+    # The dataclass checks itself, whoever builds it: a test, a tool, or load().
+    with pytest.raises(ConfigError, match=r"trainer.max_skipped=0: must be positive"):
+        TrainerConfig(max_skipped=0)
+    with pytest.raises(ConfigError, match=r"trainer.nonfinite=warn: .*trainer.nonfinite=skip"):
+        TrainerConfig(nonfinite="warn")
+    assert TrainerConfig(max_steps=3).max_steps == 3

@@ -5,7 +5,8 @@ import resource
 import pytest
 import torch
 
-from dgxtrain.data import FeistelPermutation, GlobalBatchSchedule, SyntheticRegression
+from dgxtrain.data.order import FeistelPermutation, GlobalBatchSchedule
+from dgxtrain.data.synthetic import SyntheticRegression
 
 
 def _data(**kw) -> SyntheticRegression:

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from dgxtrain import dist, slurm
-from dgxtrain.dist import DistEnv, DistEnvError
+from dgxtrain.dist import slurm
+from dgxtrain.dist.env import DistEnv, shared_run_id
+from dgxtrain.errors import DistEnvError
 
 TORCHRUN = dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="node1",
                 MASTER_PORT="29400")
@@ -77,8 +78,8 @@ def test_half_set_srun_environment_is_an_error(monkeypatch):
 
 def test_run_id_is_shared_or_refused(monkeypatch):
     def run_id():
-        dist.shared_run_id.cache_clear()
-        return dist.shared_run_id()
+        shared_run_id.cache_clear()
+        return shared_run_id()
 
     assert run_id()[:2] == "20"  # a single process: a timestamp
     _set(monkeypatch, TORCHRUN)
@@ -90,4 +91,4 @@ def test_run_id_is_shared_or_refused(monkeypatch):
     assert run_id() == "slurm-77"
     monkeypatch.setenv("DGXTRAIN_RUN_ID", "mine")
     assert run_id() == "mine"
-    dist.shared_run_id.cache_clear()
+    shared_run_id.cache_clear()

@@ -1,4 +1,4 @@
-"""`python -m dgxtrain.doctor`: the report of real gloo ranks, the slow-rank drill, one
+"""`python -m dgxtrain.tools.doctor`: the report of real gloo ranks, the slow-rank drill, one
 process without a launcher, and the checks as pure functions of gathered data."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dgxtrain import doctor, perf
+from dgxtrain.tools import doctor, measure
 from tests.conftest import ROOT, clean_env, kill_tree
 
 # Only the tests that start torchrun carry the marker; the pure-function tests stay fast
@@ -24,7 +24,7 @@ def run_doctor(out: Path, args: list[str], nproc: int = 1,
     launcher = ([sys.executable] if nproc == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc_per_node={nproc}"])
-    cmd = [*launcher, "-m", "dgxtrain.doctor", "--device=cpu", "--json", str(out),
+    cmd = [*launcher, "-m", "dgxtrain.tools.doctor", "--device=cpu", "--json", str(out),
            "--gemm-seconds=0.2", *args]
     with subprocess.Popen(cmd, cwd=ROOT, env=env or clean_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as p:
@@ -177,8 +177,8 @@ def test_environment_selection_and_redaction():
 
 
 def test_message_sizes_and_cpu_ranges():
-    assert perf.message_sizes(2**30) == [64 * 4**k * 2**10 for k in range(8)]
-    assert perf.message_sizes(100 * 2**20)[-2:] == [64 * 2**20, 100 * 2**20]
-    assert perf.message_sizes(2**10) == [2**10]
+    assert measure.message_sizes(2**30) == [64 * 4**k * 2**10 for k in range(8)]
+    assert measure.message_sizes(100 * 2**20)[-2:] == [64 * 2**20, 100 * 2**20]
+    assert measure.message_sizes(2**10) == [2**10]
     assert doctor.cpu_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert doctor.cpu_ranges([3]) == "3"

@@ -7,10 +7,12 @@ import warnings
 import pytest
 import torch
 
-from dgxtrain.data import GlobalBatchSchedule, SyntheticRegression
-from dgxtrain.job import make_autocast
-from dgxtrain.train import train, train_step
+from dgxtrain.data.order import GlobalBatchSchedule
+from dgxtrain.data.synthetic import SyntheticRegression
+from dgxtrain.loop.step import train_step
+from dgxtrain.loop.train import train
 from tests.conftest import compose_cfg, losses, read_metrics, run_ok
+from tests.test_step import make_parts
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -34,32 +36,25 @@ def test_data_on_gpu_equals_data_on_cpu():
 
 def _count_syncs(fused: bool) -> tuple[int, int, list]:
     """Host syncs in 4 training steps on the GPU, after a first one (lazy optimizer state)."""
-    data = SyntheticRegression(16, 0.1, 10**6, 64, "nonlinear", 0, device="cuda")
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
-                                torch.nn.Linear(64, 1)).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    schedule = GlobalBatchSchedule(10**6, 0, 256, 0, 1, 64, device="cuda")
+    parts, schedule = make_parts(fused, device="cuda")
     batches = [schedule(s) for s in range(5)]  # the index chunk may sync, once
-    autocast = make_autocast(torch.device("cuda"), "fp32")
-    train_step(model, opt, sched, data, batches[0], autocast, 1.0)
+    train_step(parts, batches[0], 1)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            results = [train_step(model, opt, sched, data, b, autocast, 1.0)
-                       for b in batches[1:]]
+            results = [train_step(parts, b, s) for s, b in enumerate(batches[1:], 2)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert all(r.flags.read() == (True, False) for r in results)
-    assert torch.isfinite(results[-1].loss) and results[-1].grad_norm > 0
+    assert parts.guard.read().skipped == 0
+    assert torch.isfinite(results[-1][0]) and results[-1][1] > 0
     return len(syncs), len(results), syncs
 
 
 def test_fused_training_step_never_syncs_with_the_host():
-    # The finite-update decision is taken on the device (found_inf) and read a step later.
+    # The update decision is taken on the device (found_inf), read on decision steps only.
     syncs, steps, messages = _count_syncs(fused=True)
     assert syncs == 0, messages
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dgxtrain.train import train
+from dgxtrain.loop.train import train
 from tests.conftest import compose_cfg, read_metrics
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from dgxtrain.metrics import StepMeter, flops_per_sample, param_sha256
-from dgxtrain.model import LinearRegressor, MLPRegressor
-from dgxtrain.perf import seconds_since_launch
+from dgxtrain.observe.metrics import StepMeter, flops_per_sample, param_sha256
+from dgxtrain.tasks.regression import LinearRegressor, MLPRegressor
+from dgxtrain.observe.perf import seconds_since_launch
 
 
 def test_flops_per_sample_match_the_matmul_count():

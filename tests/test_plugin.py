@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dgxtrain.train import train
+from dgxtrain.loop.train import train
 from tests.conftest import compose_cfg, run_ok
 
 

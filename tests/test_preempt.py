@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dgxtrain.preempt import EXIT_REQUEUE, StopRequests
+from dgxtrain.dist.preempt import EXIT_REQUEUE, StopRequests
 from tests.conftest import ROOT, clean_env, cli_args, run_ok
 
 SMALL = ["data.dim=16", "model.hidden_dim=32", "trainer.global_batch_size=64",

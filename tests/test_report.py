@@ -1,9 +1,9 @@
-"""python -m dgxtrain.report draws the plots from a real run's metrics.jsonl."""
+"""python -m dgxtrain.tools.report draws the plots from a real run's metrics.jsonl."""
 
 import pytest
 
-from dgxtrain import report
-from dgxtrain.train import train
+from dgxtrain.tools import report
+from dgxtrain.loop.train import train
 from tests.conftest import compose_cfg
 
 image = pytest.importorskip("matplotlib.image", reason="the plots extra (matplotlib)")

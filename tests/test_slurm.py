@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, clean_env, read_metrics, run_ok
-from dgxtrain.wandb_records import read_run
+from dgxtrain.observe.wandb_records import read_run
 
 pytestmark = pytest.mark.slurm
 

@@ -12,22 +12,24 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dgxtrain import config, dist, errors, preempt
+from dgxtrain import config, errors
 from dgxtrain.checkpoint import CheckpointError
-from dgxtrain.preempt import Requeue
+from dgxtrain.dist import preempt
+from dgxtrain.dist.env import env_rank, register_resolvers, shared_run_id
+from dgxtrain.dist.preempt import Requeue
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3
 
 config.register_configs()
-config.register_resolvers()
+register_resolvers()
 
 
 @contextlib.contextmanager
 def _exit_codes() -> Iterator[None]:
     """A bad setting becomes one line, printed by rank 0 only, and a distinct exit code."""
-    main = dist.env_rank() == 0
+    main = env_rank() == 0
     try:
         yield
     except Requeue as e:
@@ -59,7 +61,7 @@ def _exit_codes() -> Iterator[None]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
-    from dgxtrain.train import train
+    from dgxtrain.loop.train import train
 
     # Handled here, not in main(): Hydra would first print its own line about the job.
     with _exit_codes():
@@ -73,7 +75,7 @@ def main() -> None:
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         # Sweep jobs, on SLURM too, resolve hydra.sweep.dir themselves: they must get the
         # submitting process's run id, not their own job's (sbatch passes the environment).
-        os.environ.setdefault("DGXTRAIN_RUN_ID", dist.shared_run_id())
+        os.environ.setdefault("DGXTRAIN_RUN_ID", shared_run_id())
     with _exit_codes():
         _hydra_main()
 

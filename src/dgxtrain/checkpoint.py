@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgxtrain import dist
-from dgxtrain.dist import DistEnv
+from dgxtrain.dist.collectives import all_agree, broadcast_object
+from dgxtrain.dist.env import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def choose(setting: str, run_dir: Path, env: DistEnv) -> Path | None:
                 raise CheckpointError(f"checkpoint.resume={setting}: {reason}; fix: give a "
                                       "step-N dir with a manifest, or checkpoint.resume=auto")
             choice = str(found)
-    choice = dist.broadcast_object(choice)
+    choice = broadcast_object(choice)
     return Path(choice) if choice else None
 
 
@@ -197,9 +197,9 @@ def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
         os.rename(tmp, final)
         _fsync_dir(root)
 
-    ok = dist.all_agree(not env.is_main or _attempt(step, "creating", make_tmp), env.device)
-    ok = dist.all_agree(ok and _attempt(step, "writing", write_files), env.device)
-    ok = dist.all_agree(ok and (not env.is_main or _attempt(step, "finishing", finish)),
+    ok = all_agree(not env.is_main or _attempt(step, "creating", make_tmp), env.device)
+    ok = all_agree(ok and _attempt(step, "writing", write_files), env.device)
+    ok = all_agree(ok and (not env.is_main or _attempt(step, "finishing", finish)),
                         env.device)
     if env.is_main and not ok:
         shutil.rmtree(tmp, ignore_errors=True)

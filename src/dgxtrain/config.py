@@ -1,8 +1,11 @@
-"""Typed config schemas, validation with fix-it messages, and the derived run values.
+"""The typed config: schemas whose fields carry their docs and their range checks.
 
-Hydra composes `conf/`; the dataclasses below are the schema each group file extends, so
-a typo or a wrong type fails at composition. `validate()` then checks what types cannot
-(ranges, divisibility, the device) before any process group or GPU work starts.
+Hydra composes `conf/` against the dataclasses below, so a typo or a wrong type fails at
+composition. `load()` then turns the composed tree into these dataclasses once, before any
+process group or GPU work: each one's `__post_init__` checks its own ranges, next to the
+fields. Only the `_target_` groups (model, data, optim) stay DictConfig, for `instantiate`;
+their schemas check their ranges on the way. docs/configuration.md is generated from here
+(`python -m dgxtrain.tools.configdoc`).
 """
 
 from __future__ import annotations
@@ -10,42 +13,68 @@ from __future__ import annotations
 import importlib
 import signal
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from dgxtrain import dist
+from dgxtrain.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """A bad setting: one line naming the key, the value and the fix."""
+class Checked:
+    """Range checks for a schema's fields, each naming its full key and the fix."""
 
-    def __init__(self, key: str, value: Any, problem: str, fix: str):
-        super().__init__(f"{key}={value}: {problem}; fix: {fix}")
-        self.key = key
+    section: ClassVar[str] = ""
+
+    def require(self, name: str, ok: bool, problem: str, fix: str) -> None:
+        if not ok:
+            key = f"{self.section}.{name}" if self.section else name
+            raise ConfigError(key, getattr(self, name), problem, fix)
+
+    def positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            bound = ("seconds > 0" if name.endswith("_s") else
+                     "an integer >= 1" if isinstance(value, int) else "a number > 0")
+            self.require(name, value > 0, "must be positive",
+                         f"set {self.section}.{name} to {bound}")
+
+    def not_negative(self, *names: str) -> None:
+        for name in names:
+            self.require(name, getattr(self, name) >= 0, "must not be negative",
+                         f"set {self.section}.{name} >= 0 (0 disables it)")
+
+    def one_of(self, name: str, *choices: str) -> None:
+        self.require(name, getattr(self, name) in choices, f"unknown {name}",
+                     "use " + " or ".join(f"{self.section}.{name}={c}" for c in choices))
 
 
-# --- schemas ------------------------------------------------------------------------
+# --- the _target_ groups: model, data, optim -----------------------------------------
 
 
 @dataclass
-class LinearModelConfig:
-    _target_: str = "dgxtrain.model.LinearRegressor"
+class LinearModelConfig(Checked):
+    section: ClassVar[str] = "model"
+    _target_: str = "dgxtrain.tasks.regression.LinearRegressor"
 
 
 @dataclass
-class MLPModelConfig:
-    _target_: str = "dgxtrain.model.MLPRegressor"
+class MLPModelConfig(Checked):
+    section: ClassVar[str] = "model"
+    _target_: str = "dgxtrain.tasks.regression.MLPRegressor"
     hidden_dim: int = 256
     """Width of every hidden layer."""
     num_layers: int = 2
     """Number of hidden layers (each Linear + GELU)."""
 
+    def __post_init__(self) -> None:
+        self.positive("hidden_dim", "num_layers")
+
 
 @dataclass
-class SyntheticDataConfig:
-    _target_: str = "dgxtrain.data.SyntheticRegression"
+class SyntheticDataConfig(Checked):
+    section: ClassVar[str] = "data"
+    _target_: str = "dgxtrain.data.synthetic.SyntheticRegression"
     dim: int = 32
     """Input features per sample."""
     noise_std: float = 0.1
@@ -57,31 +86,50 @@ class SyntheticDataConfig:
     target: str = "nonlinear"
     """Ground truth: linear (w.x + b) or nonlinear (linear + sum of sines)."""
 
+    def __post_init__(self) -> None:
+        self.positive("dim", "num_samples", "eval_samples")
+        self.require("num_samples", self.num_samples <= 2**62,
+                     "too large for the sample index space", "use data.num_samples <= 2**62")
+        self.not_negative("noise_std")
+        self.one_of("target", "linear", "nonlinear")
+
 
 @dataclass
-class AdamWConfig:
+class OptimConfig(Checked):
+    section: ClassVar[str] = "optim"
     _target_: str = "torch.optim.AdamW"
     lr: float = 1e-3
+    """Peak learning rate (after warm-up)."""
     weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
     fused: bool = True
     """One kernel for the whole update instead of a dozen passes per tensor (CPU and
-    CUDA); the same maths up to rounding."""
+    CUDA); the same maths up to rounding. It also skips a non-finite step on the device."""
+
+    def __post_init__(self) -> None:
+        self.require("lr", self.lr > 0, "must be positive",
+                     "set optim.lr to a positive number, e.g. optim.lr=1e-3")
+        self.not_negative("weight_decay")
 
 
 @dataclass
-class SGDConfig:
+class AdamWConfig(OptimConfig):
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SGDConfig(OptimConfig):
     _target_: str = "torch.optim.SGD"
     lr: float = 0.05
-    weight_decay: float = 0.0
     momentum: float = 0.9
-    fused: bool = True
-    """One kernel for the whole update (CPU and CUDA); the same maths up to rounding."""
+
+
+# --- the trainer's own sections -----------------------------------------------------
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Checked):
+    section: ClassVar[str] = "trainer"
     max_steps: int = 1000
     """Optimizer steps to run."""
     global_batch_size: int = 512
@@ -93,23 +141,41 @@ class TrainerConfig:
     warmup_steps: int = 50
     """Linear LR warm-up from 0, then cosine decay to min_lr_ratio * lr at max_steps."""
     min_lr_ratio: float = 0.1
+    """The LR at max_steps, as a fraction of optim.lr."""
     precision: str = "fp32"
     """fp32, or bf16 (autocast of the forward pass; weights and optimizer stay fp32)."""
     compile: bool = False
     """torch.compile the model; falls back to eager with a log line if compilation fails."""
     log_every: int = 10
-    """Steps between metric lines (the loss is averaged over ranks only on these)."""
+    """Steps between metric lines. These are also the steps where the host reads the
+    ranks' decisions (stop, non-finite): a stop is honoured within log_every steps."""
     eval_every: int = 0
     """Steps between evaluations; 0 = evaluate at the end only."""
     eval_batch_size: int = 1024
+    """Samples per rank per evaluation forward."""
     nonfinite: str = "error"
-    """A non-finite loss or gradient: error (stop before the update, exit 3) or skip (drop
-    the update on every rank, count it, and stop after max_skipped in a row)."""
+    """A non-finite loss or gradient: error (no update from that step on, exit 3) or skip
+    (drop the update on every rank, count it, and stop after max_skipped in a row)."""
     max_skipped: int = 5
+    """Non-finite steps in a row after which trainer.nonfinite=skip stops (exit 3)."""
+
+    def __post_init__(self) -> None:
+        self.positive("max_steps", "global_batch_size", "log_every", "eval_batch_size",
+                      "max_skipped")
+        self.not_negative("warmup_steps", "eval_every", "grad_clip")
+        self.require("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "must be in [0, 1]",
+                     "e.g. trainer.min_lr_ratio=0.1")
+        self.one_of("precision", "fp32", "bf16")
+        self.one_of("nonfinite", "error", "skip")
+        self.require("micro_batch_size", self.micro_batch_size is None
+                     or self.micro_batch_size > 0, "must be positive",
+                     "set trainer.micro_batch_size >= 1, or null for global_batch_size / "
+                     "world_size")
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Checked):
+    section: ClassVar[str] = "checkpoint"
     every_steps: int = 200
     """Save every N steps (and always at the end); 0 = only at the end."""
     keep_last: int = 2
@@ -118,9 +184,16 @@ class CheckpointConfig:
     """auto (newest complete checkpoint in the run dir), never (start fresh; older
     checkpoints are moved aside, not deleted), or a path to a step-N dir or checkpoints dir."""
 
+    def __post_init__(self) -> None:
+        self.not_negative("every_steps")
+        self.require("keep_last", self.keep_last >= 2,
+                     "fewer than 2 leaves no fallback if the newest is damaged",
+                     "set checkpoint.keep_last >= 2")
+
 
 @dataclass
-class DistConfig:
+class DistConfig(Checked):
+    section: ClassVar[str] = "dist"
     timeout_s: float = 300.0
     """A step or collective stuck this long ends the job (non-zero), with every rank's
     Python stack written to <run dir>/stacks/."""
@@ -130,9 +203,9 @@ class DistConfig:
     """CPU threads of each rank; 0 = the cores it owns (its CPU affinity shared among the
     ranks of its node, or SLURM_CPUS_PER_TASK). Overrides OMP_NUM_THREADS."""
     comm_hook: str = "auto"
-    """How DDP all-reduces gradients: allreduce (the backend's own: NCCL, gloo), shm
-    (shared memory; CPU ranks on one host), auto (shm where it works, else allreduce), or
-    bf16 (compressed to bf16: half the bytes, NOT fp32 maths; never chosen by auto)."""
+    """How DDP all-reduces gradients: auto or allreduce (the backend's own: NCCL on GPUs,
+    gloo on CPU), shm (opt-in shared memory for CPU ranks on one host), or bf16
+    (compressed to bf16: half the bytes, NOT fp32 maths; NCCL only)."""
     bucket_cap_mb: float = 25.0
     """DDP gradient bucket size: smaller starts the all-reduce earlier in the backward,
     larger sends fewer, bigger messages."""
@@ -142,29 +215,48 @@ class DistConfig:
     """The model uses the same parameters every step (true for the built-in models): DDP
     skips per-step bookkeeping. Set false for a model whose used parameters vary."""
 
+    def __post_init__(self) -> None:
+        self.positive("timeout_s", "init_timeout_s", "bucket_cap_mb")
+        self.require("threads_per_rank", self.threads_per_rank >= 0, "must not be negative",
+                     "set dist.threads_per_rank >= 1, or 0 for the cores owned")
+        self.one_of("comm_hook", "auto", "allreduce", "shm", "bf16")
+
 
 @dataclass
-class PreemptionConfig:
+class PreemptionConfig(Checked):
+    section: ClassVar[str] = "preemption"
     signals: list[str] = field(default_factory=lambda: ["USR1", "USR2"])
-    """Signals that ask the run to checkpoint at the next step and exit for requeue (75).
-    Add TERM where the scheduler sends SIGTERM with a grace period and nothing else."""
+    """Signals that ask the run to checkpoint at the next decision step and exit for
+    requeue (75). Add TERM where the scheduler sends SIGTERM with a grace period."""
     deadline_margin_s: float = 120.0
     """Stop for requeue when the job's end time (DGXTRAIN_JOB_END_TIME, set by the batch
-    script) is nearer than one step + one checkpoint (both measured) + this margin."""
+    script) is nearer than the steps until the next decision step + one checkpoint (both
+    measured) + this margin."""
     poll_s: float = 1.0
     """How often rank 0 looks at the stop file and the clock."""
 
+    def __post_init__(self) -> None:
+        for name in self.signals:
+            self.require("signals", f"SIG{name}" in signal.Signals.__members__,
+                         f"{name} is not a signal name",
+                         "list names without SIG, e.g. preemption.signals=[USR1,USR2]")
+            self.require("signals", name not in ("KILL", "STOP"), f"SIG{name} cannot be "
+                         "caught", "use USR1, USR2 or TERM")
+        self.not_negative("deadline_margin_s")
+        self.positive("poll_s")
+
 
 @dataclass
-class FaultConfig:
+class FaultConfig(Checked):
     """Fault injection for tests and drills; each fault fires once per run dir."""
 
+    section: ClassVar[str] = "fault"
     crash_at_step: int = 0
     """The process exits at once (exit code 17) at this step; 0 = off."""
     hang_at_step: int = 0
     """The process stops making progress at this step."""
     nan_at_step: int = 0
-    """The loss of this step is NaN."""
+    """The model's output, hence the loss, of this step is NaN."""
     enospc_at_step: int = 0
     """Writing the checkpoint of this step fails with ENOSPC (disk full)."""
     step_delay_s: float = 0.0
@@ -173,12 +265,17 @@ class FaultConfig:
     rank: int = 0
     """The rank the fault hits; -1 = every rank."""
 
+    def __post_init__(self) -> None:
+        self.not_negative("step_delay_s")
+
 
 @dataclass
-class LoggerConfig:
+class LoggerConfig(Checked):
+    section: ClassVar[str] = "logger"
     backend: str = "none"
     """wandb (a W&B run, beside the run dir's files) or none (the run dir's files only)."""
     project: str = "dgxtrain"
+    """The W&B project."""
     entity: str | None = None
     """The W&B team or user; null = the API key's default."""
     group: str | None = None
@@ -192,22 +289,41 @@ class LoggerConfig:
     init_timeout_s: float = 90.0
     """How long W&B may take to start before the run logs offline instead."""
 
+    def __post_init__(self) -> None:
+        self.require("backend", self.backend in ("wandb", "none"), "unknown logger backend",
+                     "use logger=wandb or logger=none")
+        self.require("mode", self.mode in ("auto", "online", "offline", "disabled"),
+                     "unknown mode", "use logger.mode=auto, online, offline or disabled")
+        self.positive("init_timeout_s")
+
 
 @dataclass
-class Config:
+class Config(Checked):
     seed: int = 0
     """Seeds the model init, the data and the sample order."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu or cuda."""
     model: Any = MISSING
+    """The model: `_target_` names any nn.Module; the other keys are its arguments."""
     data: Any = MISSING
+    """The data: `_target_` names the data source; the other keys are its arguments."""
     optim: Any = MISSING
+    """The optimizer: `_target_` names any torch.optim class; the other keys are its
+    arguments."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
-    logger: Any = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        self.require("device", self.device in ("auto", "cpu", "cuda"), "unknown device",
+                     "use device=auto, device=cpu or device=cuda")
+
+
+TARGET_GROUPS = ("model", "data", "optim")
+SECTIONS = ("trainer", "checkpoint", "dist", "preemption", "fault", "logger")
 
 
 def register_configs() -> None:
@@ -225,17 +341,7 @@ def register_configs() -> None:
         cs.store(group=group, name=name, node=node)
 
 
-def register_resolvers() -> None:
-    # The run dir must be the same on every rank: ${now:} is resolved per process, so the
-    # id comes from what the launcher shares (see dist.shared_run_id).
-    OmegaConf.register_new_resolver("dgx_run_id", dist.shared_run_id, replace=True)
-    # Only rank 0 writes Hydra's .hydra/ folder; N ranks writing the same files race.
-    OmegaConf.register_new_resolver(
-        "dgx_hydra_subdir", lambda: ".hydra" if dist.env_rank() == 0 else None, replace=True
-    )
-
-
-# --- validation ---------------------------------------------------------------------
+# --- loading ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -247,10 +353,23 @@ class RunSpec:
     micro_batch_size: int
     grad_accum_steps: int
 
-
-def _require(cfg: DictConfig, key: str, ok: bool, problem: str, fix: str) -> None:
-    if not ok:
-        raise ConfigError(key, OmegaConf.select(cfg, key), problem, fix)
+    @classmethod
+    def derive(cls, t: TrainerConfig, world_size: int) -> RunSpec:
+        gbs = t.global_batch_size
+        if gbs % world_size:
+            raise ConfigError("trainer.global_batch_size", gbs,
+                              f"not divisible by world_size={world_size}",
+                              f"use a multiple of {world_size}, e.g. "
+                              f"{world_size * max(1, gbs // world_size)}")
+        micro = t.micro_batch_size if t.micro_batch_size is not None else gbs // world_size
+        per_step = micro * world_size
+        if gbs % per_step:
+            raise ConfigError(
+                "trainer.global_batch_size", gbs,
+                f"not divisible by trainer.micro_batch_size * world_size = {micro} * "
+                f"{world_size} = {per_step}", f"use a multiple of {per_step} (e.g. "
+                f"{per_step * max(1, gbs // per_step)}), or change trainer.micro_batch_size")
+        return cls(world_size, gbs, micro, gbs // per_step)
 
 
 def _check_target(cfg: DictConfig, group: str) -> None:
@@ -264,95 +383,19 @@ def _check_target(cfg: DictConfig, group: str) -> None:
                           "give the full dotted path of a class on PYTHONPATH") from e
 
 
-def validate(cfg: DictConfig, world_size: int, cuda_available: bool) -> RunSpec:
-    """Check what types cannot; raise ConfigError naming the key and the fix."""
-    _require(cfg, "device", cfg.device in ("auto", "cpu", "cuda"),
-             "unknown device", "use device=auto, device=cpu or device=cuda")
-    _require(cfg, "device", cfg.device != "cuda" or cuda_available,
-             "no CUDA GPU is visible (torch.cuda.is_available() is False)",
-             "use device=auto or device=cpu, or run on a GPU node")
-    for group in ("model", "data", "optim"):
+def load(cfg: DictConfig, world_size: int, cuda_available: bool) -> tuple[Config, RunSpec]:
+    """The composed config as typed dataclasses, every range checked, and what follows from
+    it for this world; raises ConfigError naming the key and the fix."""
+    for group in TARGET_GROUPS:
         _check_target(cfg, group)
-
-    t = cfg.trainer
-    for key in ("max_steps", "global_batch_size", "log_every", "eval_batch_size"):
-        _require(cfg, f"trainer.{key}", t[key] > 0, "must be positive",
-                 f"set trainer.{key} to an integer >= 1")
-    for key in ("warmup_steps", "eval_every", "grad_clip"):
-        _require(cfg, f"trainer.{key}", t[key] >= 0, "must not be negative",
-                 f"set trainer.{key} >= 0 (0 disables it)")
-    _require(cfg, "trainer.min_lr_ratio", 0.0 <= t.min_lr_ratio <= 1.0,
-             "must be in [0, 1]", "e.g. trainer.min_lr_ratio=0.1")
-    _require(cfg, "trainer.nonfinite", t.nonfinite in ("error", "skip"),
-             "unknown mode", "use trainer.nonfinite=error or trainer.nonfinite=skip")
-    _require(cfg, "trainer.max_skipped", t.max_skipped > 0, "must be positive",
-             "set trainer.max_skipped to an integer >= 1")
-    c = cfg.checkpoint
-    _require(cfg, "checkpoint.every_steps", c.every_steps >= 0, "must not be negative",
-             "set checkpoint.every_steps >= 0 (0 = only at the end)")
-    _require(cfg, "checkpoint.keep_last", c.keep_last >= 2,
-             "fewer than 2 leaves no fallback if the newest is damaged",
-             "set checkpoint.keep_last >= 2")
-    for key in ("timeout_s", "init_timeout_s"):
-        _require(cfg, f"dist.{key}", cfg.dist[key] > 0, "must be positive",
-                 f"set dist.{key} to a number of seconds > 0")
-    _require(cfg, "dist.threads_per_rank", cfg.dist.threads_per_rank >= 0,
-             "must not be negative", "set dist.threads_per_rank >= 1, or 0 for the cores owned")
-    _require(cfg, "dist.comm_hook", cfg.dist.comm_hook in ("auto", "allreduce", "shm", "bf16"),
-             "unknown hook", "use dist.comm_hook=auto, allreduce, shm or bf16")
-    _require(cfg, "dist.bucket_cap_mb", cfg.dist.bucket_cap_mb > 0, "must be positive",
-             "set dist.bucket_cap_mb to megabytes > 0, e.g. 25")
-    p = cfg.preemption
-    for name in p.signals:
-        _require(cfg, "preemption.signals", f"SIG{name}" in signal.Signals.__members__,
-                 f"{name} is not a signal name", "list names without SIG, e.g. "
-                 "preemption.signals=[USR1,USR2]")
-        _require(cfg, "preemption.signals", name not in ("KILL", "STOP"),
-                 f"SIG{name} cannot be caught", "use USR1, USR2 or TERM")
-    _require(cfg, "preemption.deadline_margin_s", p.deadline_margin_s >= 0,
-             "must not be negative", "set preemption.deadline_margin_s to seconds >= 0")
-    _require(cfg, "preemption.poll_s", p.poll_s > 0, "must be positive",
-             "set preemption.poll_s to seconds > 0, e.g. 1")
-    _require(cfg, "fault.step_delay_s", cfg.fault.step_delay_s >= 0, "must not be negative",
-             "set fault.step_delay_s >= 0 (0 = off)")
-    _require(cfg, "trainer.precision", t.precision in ("fp32", "bf16"),
-             "unknown precision", "use trainer.precision=fp32 or trainer.precision=bf16")
-
-    _require(cfg, "optim.lr", cfg.optim.get("lr", 1.0) > 0, "must be positive",
-             "set optim.lr to a positive number, e.g. optim.lr=1e-3")
-    _require(cfg, "optim.weight_decay", cfg.optim.get("weight_decay", 0.0) >= 0,
-             "must not be negative", "set optim.weight_decay >= 0")
-    for key in ("hidden_dim", "num_layers"):
-        _require(cfg, f"model.{key}", cfg.model.get(key, 1) > 0, "must be positive",
-                 f"set model.{key} to an integer >= 1")
-    for key in ("dim", "num_samples", "eval_samples"):
-        _require(cfg, f"data.{key}", cfg.data.get(key, 1) > 0, "must be positive",
-                 f"set data.{key} to an integer >= 1")
-    _require(cfg, "data.num_samples", cfg.data.get("num_samples", 1) <= 2**62,
-             "too large for the sample index space", "use data.num_samples <= 2**62")
-    _require(cfg, "data.noise_std", cfg.data.get("noise_std", 0.0) >= 0,
-             "must not be negative", "set data.noise_std >= 0")
-    lg = cfg.logger
-    _require(cfg, "logger.backend", lg.backend in ("wandb", "none"),
-             "unknown logger backend", "use logger=wandb or logger=none")
-    _require(cfg, "logger.mode", lg.mode in ("auto", "online", "offline", "disabled"),
-             "unknown mode", "use logger.mode=auto, online, offline or disabled")
-    _require(cfg, "logger.init_timeout_s", lg.init_timeout_s > 0, "must be positive",
-             "set logger.init_timeout_s to seconds > 0, e.g. 90")
-    _require(cfg, "data.target", cfg.data.get("target", "linear") in ("linear", "nonlinear"),
-             "unknown target", "use data.target=linear or data.target=nonlinear")
-
-    gbs = t.global_batch_size
-    _require(cfg, "trainer.global_batch_size", gbs % world_size == 0,
-             f"not divisible by world_size={world_size}",
-             f"use a multiple of {world_size}, e.g. {world_size * max(1, gbs // world_size)}")
-    micro = t.micro_batch_size if t.micro_batch_size is not None else gbs // world_size
-    _require(cfg, "trainer.micro_batch_size", micro > 0, "must be positive",
-             "set trainer.micro_batch_size >= 1, or null for global_batch_size / world_size")
-    per_step = micro * world_size
-    _require(cfg, "trainer.global_batch_size", gbs % per_step == 0,
-             f"not divisible by trainer.micro_batch_size * world_size = {micro} * {world_size}"
-             f" = {per_step}",
-             f"use a multiple of {per_step} (e.g. {per_step * max(1, gbs // per_step)}),"
-             " or change trainer.micro_batch_size")
-    return RunSpec(world_size, gbs, micro, gbs // per_step)
+        # A group file that extends a schema gets that schema's checks; a user's bare
+        # `_target_` node has none. The DictConfig itself is kept for instantiate.
+        if OmegaConf.get_type(cfg[group]) not in (dict, None):
+            OmegaConf.to_object(cfg[group])
+    typed = {name: OmegaConf.to_object(cfg[name]) for name in SECTIONS}
+    config = Config(seed=cfg.seed, device=cfg.device, model=cfg.model, data=cfg.data,
+                    optim=cfg.optim, **typed)
+    config.require("device", config.device != "cuda" or cuda_available,
+                   "no CUDA GPU is visible (torch.cuda.is_available() is False)",
+                   "use device=auto or device=cpu, or run on a GPU node")
+    return config, RunSpec.derive(config.trainer, world_size)

@@ -11,8 +11,18 @@ from omegaconf import DictConfig
 from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, OmegaConfBaseException,
                               ValidationError)
 
-from dgxtrain.config import ConfigError
-from dgxtrain.dist import DistEnvError
+
+
+class ConfigError(ValueError):
+    """A bad setting: one line naming the key, the value and the fix."""
+
+    def __init__(self, key: str, value: object, problem: str, fix: str):
+        super().__init__(f"{key}={value}: {problem}; fix: {fix}")
+        self.key = key
+
+
+class DistEnvError(RuntimeError):
+    """The launcher's environment is inconsistent; the message says what to set."""
 
 
 def _valid_keys(ex: OmegaConfBaseException) -> list[str]:

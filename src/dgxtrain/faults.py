@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import faulthandler
 import logging
+import math
 import os
 import signal
 import time
@@ -16,22 +17,33 @@ from pathlib import Path
 from typing import IO
 
 import torch
-from omegaconf import DictConfig
+
+from dgxtrain.config import FaultConfig
 
 log = logging.getLogger(__name__)
 EXIT_INJECTED_CRASH = 17
 
 
 class Faults:
+    """The loop calls `before_step` and `before_write`; a NaN reaches the step through a
+    forward hook on the model (`attach`), so the step itself knows nothing of faults."""
+
     NAMES = ("crash_at_step", "hang_at_step", "nan_at_step", "enospc_at_step")
 
-    def __init__(self, cfg: DictConfig, rank: int, run_dir: Path):
-        # Plain values: this is asked every step, and a DictConfig lookup costs ~10 us.
+    def __init__(self, cfg: FaultConfig, rank: int, run_dir: Path):
         hits_me = cfg.rank in (-1, rank)
-        self.at = {name: int(cfg[name]) if hits_me else 0 for name in self.NAMES}
+        self.at = {name: getattr(cfg, name) if hits_me else 0 for name in self.NAMES}
         self.rank, self.dir = rank, run_dir / "faults"
         # On the rank it hits: the others wait for it, so the whole job is slower.
-        self.step_delay_s = float(cfg.step_delay_s) if hits_me else 0.0
+        self.step_delay_s = cfg.step_delay_s if hits_me else 0.0
+        self._nan_now = False
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Make the training forward's output NaN during the step nan_at_step names."""
+        if self.at["nan_at_step"]:
+            model.register_forward_hook(
+                lambda module, args, out: out * math.nan if self._nan_now and module.training
+                else out)
 
     def _fires(self, name: str, step: int) -> bool:
         if step != self.at[name] or not step:
@@ -57,9 +69,7 @@ class Faults:
         if self._fires("hang_at_step", step):
             while True:  # stuck like a rank in a dead collective
                 time.sleep(3600)
-
-    def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        return loss * float("nan") if self._fires("nan_at_step", step) else loss
+        self._nan_now = self._fires("nan_at_step", step)
 
     def before_write(self, step: int, path: Path) -> None:
         if self._fires("enospc_at_step", step):

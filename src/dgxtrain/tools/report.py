@@ -1,4 +1,4 @@
-"""`python -m dgxtrain.report RUN_DIR [--out DIR]`: PNG plots from a run's metrics.jsonl,
+"""`python -m dgxtrain.tools.report RUN_DIR [--out DIR]`: PNG plots from a run's metrics.jsonl,
 for people without W&B access. Needs matplotlib: pip install 'dgxtrain[plots]'."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dgxtrain.tracking import logged_rows
+from dgxtrain.observe.trackers import logged_rows
 
 # Not under "dgxtrain": a training run in this process may have taken that logger over.
 log = logging.getLogger("dgxtrain-report")
@@ -77,7 +77,7 @@ def render(run_dir: Path, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dgxtrain.report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dgxtrain.tools.report", description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, help="default: RUN_DIR/plots")
     args = parser.parse_args(argv)

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -17,18 +18,22 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from dgxtrain import __version__, checkpoint, comm
-from dgxtrain.config import ConfigError, RunSpec
-from dgxtrain.data import GlobalBatchSchedule
-from dgxtrain.dist import DistEnv, all_agree, grad_sync
+from dgxtrain import __version__, checkpoint
+from dgxtrain.config import Config, RunSpec
+from dgxtrain.data.order import GlobalBatchSchedule
+from dgxtrain.dist import ddp
+from dgxtrain.dist.collectives import all_agree
+from dgxtrain.dist.ddp import grad_sync
+from dgxtrain.dist.env import DistEnv
+from dgxtrain.errors import ConfigError
 from dgxtrain.faults import Faults, Watchdog
-from dgxtrain.metrics import count_parameters, flops_per_sample
-from dgxtrain.optim import build_optimizer, build_scheduler
-from dgxtrain.perf import peak_tflops
-from dgxtrain.tracking import NullTracker
+from dgxtrain.loop.optim import build_optimizer, build_scheduler
+from dgxtrain.observe.metrics import count_parameters, flops_per_sample
+from dgxtrain.observe.peak import peak_tflops
+from dgxtrain.observe.trackers import NullTracker
+from dgxtrain.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ def make_autocast(device: torch.device, precision: str) -> Callable:
                              enabled=precision == "bf16")
 
 
-def compile_or_eager(model: torch.nn.Module, example: torch.Tensor, autocast: Callable,
+def compile_or_eager(model: torch.nn.Module, task: Task, example: Any, autocast: Callable,
                      device: torch.device) -> torch.nn.Module:
     """torch.compile, proven by one forward/backward; eager on every rank if any rank fails."""
     try:
@@ -46,7 +51,7 @@ def compile_or_eager(model: torch.nn.Module, example: torch.Tensor, autocast: Ca
         # no_sync: a rank whose compile fails must not leave the others in an all-reduce.
         with grad_sync(compiled, False):
             with autocast():
-                out = compiled(example)
+                out = task.forward(compiled, example)
             out.float().sum().backward()
         ok = True
     except Exception as e:  # backend missing, no C++ compiler, an untraceable user model
@@ -65,10 +70,11 @@ def compile_or_eager(model: torch.nn.Module, example: torch.Tensor, autocast: Ca
 class Job:
     """What a run is made of, built once before the loop."""
 
-    cfg: DictConfig
+    cfg: Config
+    resolved: dict[str, Any]  # the composed config as plain values: logged, hashed, never read
     env: DistEnv
     spec: RunSpec
-    dataset: Any
+    task: Task
     model: torch.nn.Module  # unwrapped: evaluation, state_dict, parameter hash
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -93,22 +99,23 @@ def _constructing(group: str, node: DictConfig) -> Iterator[None]:
                           f"make the {group}.* keys match that class's arguments") from e
 
 
-def build_job(cfg: DictConfig, env: DistEnv, spec: RunSpec, run_dir: Path,
-              watchdog: Watchdog) -> Job:
+def build_job(cfg: Config, resolved: dict[str, Any], env: DistEnv, spec: RunSpec,
+              run_dir: Path, watchdog: Watchdog) -> Job:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     with _constructing("data", cfg.data):
-        dataset = instantiate(cfg.data, seed=cfg.seed, device=env.device)
+        task = build_task(cfg, env.device)
     with _constructing("model", cfg.model):
-        model = instantiate(cfg.model, in_dim=dataset.dim).to(env.device)
+        model = task.build_model().to(env.device)
     with _constructing("optim", cfg.optim):
         optimizer = build_optimizer(cfg.optim, model)
+    faults = Faults(cfg.fault, env.rank, run_dir)
+    faults.attach(model)
     t = cfg.trainer
-    return Job(cfg, env, spec, dataset, model, optimizer,
+    return Job(cfg, resolved, env, spec, task, model, optimizer,
                build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio),
-               GlobalBatchSchedule(dataset.num_samples, cfg.seed, spec.global_batch_size,
+               GlobalBatchSchedule(task.num_samples, cfg.seed, spec.global_batch_size,
                                    env.rank, env.world_size, spec.micro_batch_size, env.device),
-               make_autocast(env.device, t.precision), run_dir,
-               Faults(cfg.fault, env.rank, run_dir), watchdog)
+               make_autocast(env.device, t.precision), run_dir, faults, watchdog)
 
 
 def distribute(job: Job, hosts: list[str]) -> torch.nn.Module:
@@ -117,22 +124,22 @@ def distribute(job: Job, hosts: list[str]) -> torch.nn.Module:
     if env.launcher != "single":
         # DDP broadcasts rank 0's weights at construction and buckets gradients so that
         # their all-reduce overlaps the rest of the backward pass.
-        wrapped = comm.wrap(wrapped, env, job.cfg.dist, hosts,
+        wrapped = ddp.wrap(wrapped, env, job.cfg.dist, hosts,
                             uses_no_sync=job.spec.grad_accum_steps > 1 or job.cfg.trainer.compile)
         # DDP times forward, backward and the gradient all-reduce on sampled iterations:
         # once per log interval, for the comm-wait and straggler metrics.
         wrapped._set_ddp_runtime_logging_sample_rate(
             job.cfg.trainer.log_every * job.spec.grad_accum_steps)
     if job.cfg.trainer.compile:
-        example = job.dataset.sample(job.schedule(0)[0])[0]
-        wrapped = compile_or_eager(wrapped, example, job.autocast, env.device)
+        example = job.task.batch(job.schedule(0)[0])[0]
+        wrapped = compile_or_eager(wrapped, job.task, example, job.autocast, env.device)
     return wrapped
 
 
 def describe(job: Job, hosts: list[str]) -> dict[str, Any]:
     """The derived values logged at start (and stored as derived.json). Before distribute()."""
     env, model = job.env, job.model
-    probe = job.dataset.sample(job.dataset.eval_indices()[:8])[0]
+    probe = job.task.batch(job.task.eval_indices()[:8])[0]
     per_sample = flops_per_sample(model, probe)
     cuda = env.device.type == "cuda"
     # Only rank 0 reports MFU; on a CPU its peak is measured, which takes a moment.
@@ -159,7 +166,7 @@ def describe(job: Job, hosts: list[str]) -> dict[str, Any]:
 
 def _git_commit() -> str | None:
     """The commit of the code that runs, with '-dirty' for uncommitted changes; None outside git."""
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=10)
@@ -174,10 +181,10 @@ def _git_commit() -> str | None:
 
 def checkpoint_meta(job: Job) -> dict[str, Any]:
     """What a checkpoint records about the run that wrote it (manifest.json)."""
-    cfg_yaml = OmegaConf.to_yaml(job.cfg, resolve=True)
+    cfg_json = json.dumps(job.resolved, sort_keys=True, default=str)
     return {"world_size": job.env.world_size, "global_batch_size": job.spec.global_batch_size,
-            "seed": job.cfg.seed, "num_samples": job.dataset.num_samples,
-            "config_sha256": hashlib.sha256(cfg_yaml.encode()).hexdigest(),
+            "seed": job.cfg.seed, "num_samples": job.task.num_samples,
+            "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
             "dgxtrain_version": __version__, "torch_version": torch.__version__}
 
 

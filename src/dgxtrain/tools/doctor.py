@@ -1,9 +1,9 @@
 """Preflight check of a node or a cluster before training: devices and their links, versions,
 the NCCL/SLURM environment, every rank's GEMM rate and the all-reduce bus bandwidth.
 
-  python -m dgxtrain.doctor                                    # this process only
-  torchrun --standalone --nproc_per_node=8 -m dgxtrain.doctor  # every GPU of a node
-  srun --ntasks-per-node=8 --gpus-per-task=1 python -m dgxtrain.doctor
+  python -m dgxtrain.tools.doctor                                    # this process only
+  torchrun --standalone --nproc_per_node=8 -m dgxtrain.tools.doctor  # every GPU of a node
+  srun --ntasks-per-node=8 --gpus-per-task=1 python -m dgxtrain.tools.doctor
 
 Rank 0 prints the report (--json writes it too). Exit 0: healthy; 1: problems found;
 2: usage error. Drill: DGXTRAIN_DOCTOR_SLOW_RANK=<r> divides rank r's measured GEMM rate by
@@ -29,12 +29,14 @@ from typing import Any
 
 import torch
 
-from dgxtrain import logs, perf
-from dgxtrain.dist import (DistEnv, DistEnvError, broadcast_object, cores_per_rank,
-                           gather_objects, process_group)
+from dgxtrain.dist.collectives import broadcast_object, gather_objects, process_group
+from dgxtrain.dist.env import DistEnv, cores_per_rank
+from dgxtrain.errors import DistEnvError
+from dgxtrain.observe import logs, peak
+from dgxtrain.tools import measure
 
 # Not __name__: that is "__main__" under python -m, outside the dgxtrain logger.
-log = logging.getLogger("dgxtrain.doctor")
+log = logging.getLogger("dgxtrain.tools.doctor")
 
 SLOW_RANK_VAR = "DGXTRAIN_DOCTOR_SLOW_RANK"
 # nccl-tests all_reduce_perf on 8 GPUs joined by NVLink 4 / NVSwitch (DGX H100, H200) reaches
@@ -79,7 +81,7 @@ def node_devices(device: torch.device) -> dict[str, Any]:
     """What this node has: every visible GPU and how they are linked, or the CPU."""
     host = socket.gethostname()
     if device.type != "cuda":
-        return {"host": host, "type": "cpu", "count": os.cpu_count(), "name": perf.cpu_model()}
+        return {"host": host, "type": "cpu", "count": os.cpu_count(), "name": measure.cpu_model()}
     gpus = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
@@ -105,7 +107,7 @@ def rank_info(env: DistEnv, gemm_seconds: float, slow_rank: int | None) -> dict[
     """This rank's host, device, threads and measured GEMM rate."""
     cuda = env.device.type == "cuda"
     precision = "bf16" if cuda else "fp32"  # what training runs at on each kind of device
-    tflops = perf.measured_matmul_tflops(env.device, precision, gemm_seconds)
+    tflops = peak.measured_matmul_tflops(env.device, precision, gemm_seconds)
     if env.rank == slow_rank:
         tflops /= 10  # the drill (module docstring): a fault injected after measuring
     cpus = sorted(os.sched_getaffinity(0))
@@ -186,7 +188,7 @@ def check_busbw(ranks: list[dict[str, Any]], rows: list[dict[str, float]],
     if top["busbw_gbps"] >= fraction * expected:
         return []
     return [f"all-reduce busbw {top['busbw_gbps']:.1f} GB/s at "
-            f"{perf.human_bytes(top['bytes'])} is below {fraction:g} x the {expected:.0f} GB/s "
+            f"{measure.human_bytes(top['bytes'])} is below {fraction:g} x the {expected:.0f} GB/s "
             f"expected of {gpu} over NVLink; fix: check "
             "that nvidia-smi topo -m shows NV# links, nvidia-fabricmanager runs, and "
             "NCCL_P2P_DISABLE / NCCL_SHM_DISABLE / NCCL_P2P_LEVEL are unset"]
@@ -216,7 +218,7 @@ def render(rep: dict[str, Any]) -> str:
         lines += [f"all-reduce (fp32 sum, {len(ranks)} ranks; busbw = algbw x 2(n-1)/n as in "
                   "nccl-tests):", f"  {'size':>10} {'time us':>11} {'algbw GB/s':>11} "
                   f"{'busbw GB/s':>11}"]
-        lines += [f"  {perf.human_bytes(r['bytes']):>10} {r['time_us']:>11.1f} "
+        lines += [f"  {measure.human_bytes(r['bytes']):>10} {r['time_us']:>11.1f} "
                   f"{r['algbw_gbps']:>11.3f} {r['busbw_gbps']:>11.3f}" for r in rows]
     else:
         lines.append("all-reduce: skipped, one rank (launch with torchrun or srun to measure)")
@@ -237,7 +239,7 @@ def _number(low: float, high: float = float("inf")) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dgxtrain.doctor", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dgxtrain.tools.doctor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON")
@@ -281,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict[str, float]] = []
         if env.world_size > 1:  # one rank has nothing to all-reduce with
             max_bytes = int((args.max_mb or (1024 if cuda else 64)) * 2**20)
-            log.info("measuring all-reduce up to %s", perf.human_bytes(max_bytes))
-            rows = perf.allreduce_bandwidth(env.device, perf.message_sizes(max_bytes),
+            log.info("measuring all-reduce up to %s", measure.human_bytes(max_bytes))
+            rows = measure.allreduce_bandwidth(env.device, measure.message_sizes(max_bytes),
                                             min_time_s=0.1, max_iters=50)
         ranks = [r for r, _ in gathered]
         problems = (check_world(ranks, env.world_size) + check_devices(ranks) +

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from datetime import timedelta
@@ -18,7 +17,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dgxtrain import dist, logs, slurm
+from dgxtrain.dist import slurm
+from dgxtrain.dist.env import shared_run_id
+from dgxtrain.files import finite, write_json_atomic
+from dgxtrain.observe import logs
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +96,6 @@ def redact(obj: Any, secrets: tuple[str, ...] | None = None) -> Any:
     return obj
 
 
-def _finite(obj: dict[str, Any]) -> dict[str, Any]:
-    """NaN and inf are not JSON: they become null (strict parsers reject the file otherwise)."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in obj.items()}
-
-
-def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _fmt(v: float) -> str:
     return f"{v / 1e3:.1f}k" if v >= 1e4 else f"{v:.0f}"
 
@@ -124,7 +113,7 @@ class LocalTracker(NullTracker):
         write_json_atomic(self.run_dir / "derived.json", derived)
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(_finite({"step": step, **metrics}), allow_nan=False)
+        self._metrics.write(json.dumps(finite({"step": step, **metrics}), allow_nan=False)
                             + "\n")
         if "train/loss" in metrics:
             self._progress(step, metrics)
@@ -179,7 +168,7 @@ def build_tracker(cfg: DictConfig, is_main: bool, run_dir: Path, *, group: str |
     local = LocalTracker(run_dir, cfg.trainer.max_steps)
     if cfg.logger.backend != "wandb":
         return local
-    from dgxtrain.wandb_tracker import WandbTracker
+    from dgxtrain.observe.wandb_run import WandbTracker
 
     # resume=never starts the run over: a new W&B run too, not a continuation.
     fresh = cfg.checkpoint.resume == "never"
@@ -196,7 +185,7 @@ def run_identity(cfg: DictConfig, run_dir: Path, derived: dict[str, Any]) -> dic
     from hydra.types import RunMode
 
     sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    group = cfg.logger.group or (dist.shared_run_id() if sweep else slurm.run_id(os.environ))
+    group = cfg.logger.group or (shared_run_id() if sweep else slurm.run_id(os.environ))
     name = cfg.logger.name or (f"{run_dir.parent.name}/{run_dir.name}" if sweep
                                else run_dir.name)
     device = str(derived.get("device_name", "")).removeprefix("NVIDIA ").replace(" ", "-")

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dgxtrain.perf import human_bytes
+from dgxtrain.tools.measure import human_bytes
 
 # A launcher's variables would make the CLI wait for ranks that never come.
 _LAUNCH_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "TORCHELASTIC_", "SLURM_STEP",
@@ -54,18 +54,21 @@ def table(r: dict[str, Any]) -> str:
                  f"{w['threads_per_rank']} threads/rank), {w['precision']}, compile="
                  f"{w['compile']}, {w['micro_batch_per_rank']} samples/rank/step, "
                  f"{w['rounds']} rounds x {w['steps_per_round']} steps, torch {w['torch']}")
-    lines.append(f"{'loop':<10} {'samples/s':>11} {'ms/step':>8} {'TFLOP/s/dev':>12} "
+    lines.append(f"{'loop':<12} {'samples/s':>11} {'ms/step':>8} {'TFLOP/s/dev':>12} "
                  f"{'of peak':>8}   data  fwd+bwd   comm  optim")
     for name, loop in r["loops"].items():
         sh = loop["phase_share"]
         frac = loop["fraction_of_matmul_peak"]
-        lines.append(f"{name:<10} {loop['median_samples_per_s']:>11,.0f} "
+        lines.append(f"{name:<12} {loop['median_samples_per_s']:>11,.0f} "
                      f"{loop['step_time_s'] * 1e3:>8.2f} {loop['tflops_per_device']:>12.4f} "
                      f"{frac if frac is not None else float('nan'):>8.2f}  {sh['data']:>6.1%} "
                      f"{sh['fwd_bwd']:>8.1%} {sh['comm']:>6.1%} {sh['optim']:>6.1%}")
     a = r["agreement"]
     lines.append(f"speedup trainer / reference: {r['speedup']:.3f}x (medians); matmul peak "
                  f"{r['matmul_peak_tflops_per_device']:.4f} TFLOP/s per device")
+    if "speedup_shm" in r:
+        lines.append(f"speedup trainer_shm / reference: {r['speedup_shm']:.3f}x (opt-in "
+                     "dist.comm_hook=shm)")
     if "mfu_vs_data_sheet" in r:
         lines.append(f"MFU vs data sheet ({r['data_sheet_peak_tflops']:.1f} TFLOP/s): "
                      f"{r['mfu_vs_data_sheet']:.3f}")

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from dgxtrain.tracking import NullTracker
-from dgxtrain.wandb_records import last_step
+from dgxtrain.observe.trackers import NullTracker
+from dgxtrain.observe.wandb_records import last_step
 
 log = logging.getLogger(__name__)
 ID_FILE = "dgxtrain-run-id"

@@ -1,11 +1,14 @@
-"""`python -m dgxtrain.bench [--quick] [overrides]`: the trainer's step loop against a plain
-DDP loop, side by side in one run, and how close the trainer gets to the hardware.
+"""`python -m dgxtrain.tools.bench [--quick] [overrides]`: the trainer's step loop against a
+tuned plain DDP loop, side by side in one run, and how close the trainer gets to the hardware.
 
 Runs as one process or under torchrun / srun (one rank per device). In one invocation:
-  - the trainer's step (train.train_step on the job train() builds) and a reference loop
-    (the simplest correct DistributedDataParallel loop: the same model, data, batch,
-    optimizer class, schedule and clipping, every knob at PyTorch's default), interleaved
-    in rounds, ABBA, so drift on a shared machine hits both; medians of the rounds;
+  - the trainer's default path (loop/step.py's train_step, the guard read and stop vote on
+    decision steps, on the job train() builds), the same with the opt-in shared-memory
+    hook (CPU ranks), and a reference loop: a plain DistributedDataParallel loop tuned as
+    a user would tune it (fused optimizer, gradient_as_bucket_view, static_graph, the same
+    bucket size) doing the same maths (model, data, batch, optimizer, schedule, clipping);
+    interleaved in rounds, in alternating order, so drift on a shared machine hits all of
+    them; medians of the rounds;
   - their parameters after the same steps: equal within 1e-5 in fp32;
   - FLOP/s (counted by torch.utils.flop_counter) against a matmul peak measured here;
   - all-reduce algbw/busbw over message sizes (nccl-tests definitions);
@@ -30,22 +33,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dgxtrain import comm, config, logs, perf
-from dgxtrain.bench_report import memory_and_startup, plot, table
-from dgxtrain.dist import DistEnv, all_reduce_, cores_per_rank, gather_objects, process_group
+from dgxtrain import config
+from dgxtrain.dist import ddp
+from dgxtrain.dist.collectives import all_reduce_, gather_objects, process_group
+from dgxtrain.dist.env import DistEnv, cores_per_rank, register_resolvers
 from dgxtrain.faults import Watchdog
-from dgxtrain.job import Job, build_job, distribute, make_autocast
-from dgxtrain.metrics import flops_per_sample
-from dgxtrain.optim import build_scheduler
-from dgxtrain.train import train_step
+from dgxtrain.loop.build import Job, build_job, distribute, make_autocast
+from dgxtrain.loop.cadence import Cadence
+from dgxtrain.loop.guard import UpdateGuard
+from dgxtrain.loop.optim import build_scheduler
+from dgxtrain.loop.step import StepParts, train_step
+from dgxtrain.observe import logs
+from dgxtrain.observe.peak import measured_matmul_tflops, peak_tflops
+from dgxtrain.observe.metrics import flops_per_sample
+from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
+from dgxtrain.tools import measure
+from dgxtrain.tools.bench_report import memory_and_startup, plot, table
 
-log = logging.getLogger("dgxtrain.bench")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+log = logging.getLogger("dgxtrain.tools.bench")
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 # The standard workload (README, performance): an MLP 256 -> 3 x 1024 GELU -> 1, AdamW, fp32,
 # 256 samples per rank and step.
 STANDARD = ["data.dim=256", "model=mlp", "model.hidden_dim=1024", "model.num_layers=3",
@@ -55,7 +66,7 @@ QUICK = ["data.dim=32", "model.hidden_dim=64", "model.num_layers=2"]
 
 def compose_config(overrides: list[str], micro_batch: int, world: int) -> Any:
     config.register_configs()
-    config.register_resolvers()
+    register_resolvers()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=[
             *overrides, f"trainer.micro_batch_size={micro_batch}",
@@ -64,85 +75,91 @@ def compose_config(overrides: list[str], micro_batch: int, world: int) -> Any:
 
 
 class Reference:
-    """The loop a user writes from the PyTorch DDP tutorial, on the trainer's data."""
+    """A plain DDP loop as a user tunes it, on the trainer's data: fused optimizer, gradients
+    as bucket views, static graph, the trainer's bucket size; clipping as the trainer's."""
 
     def __init__(self, job: Job):
         cfg, env = job.cfg, job.env
         torch.manual_seed(cfg.seed)  # the trainer's initial weights (build_job seeds alike)
-        self.model = instantiate(cfg.model, in_dim=job.dataset.dim).to(env.device)
+        self.model = job.task.build_model().to(env.device)
         self.ddp = (DDP(self.model, device_ids=[env.device.index] if env.device.type == "cuda"
-                        else None) if env.launcher != "single" else self.model)
-        # The same optimizer class and hyper-parameters, at PyTorch's defaults otherwise.
-        opt = {k: v for k, v in cfg.optim.items() if k not in ("_target_", "fused")}
-        self.optimizer = instantiate({"_target_": cfg.optim._target_, **opt},
-                                     params=self.model.parameters(), _convert_="all")
+                        else None, bucket_cap_mb=cfg.dist.bucket_cap_mb,
+                        gradient_as_bucket_view=True, static_graph=True)
+                    if env.launcher != "single" else self.model)
+        self.optimizer = instantiate(cfg.optim, params=self.model.parameters(),
+                                     _convert_="all")
         t = cfg.trainer
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps,
                                          t.min_lr_ratio)
         self.job, self.autocast = job, make_autocast(env.device, t.precision)
 
-    def step(self, step: int, clock: perf.PhaseClock | None = None) -> None:
-        x, y = self.job.dataset.sample(self.job.schedule(step)[0])
-        if clock:
-            clock.mark("data")
+    def step(self, step: int, clock: PhaseClock = NULL_CLOCK) -> None:
+        x, y = self.job.task.batch(self.job.schedule(step)[0])
+        clock.mark("data")
         with self.autocast():
             pred = self.ddp(x)
-        F.mse_loss(pred.float().reshape(y.shape), y).backward()
-        if clock:
-            clock.mark("fwd_bwd")
-        if self.job.cfg.trainer.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                           self.job.cfg.trainer.grad_clip)
+        self.job.task.loss(pred, y).backward()
+        clock.mark("fwd_bwd")
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                       self.job.cfg.trainer.grad_clip or math.inf)
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad()
-        if clock:
-            clock.mark("optim")
+        self.optimizer.zero_grad(set_to_none=True)
+        clock.mark("optim")
 
 
 class Trainer:
-    """dgxtrain's own step: train_step on the job that train() builds."""
+    """dgxtrain's own work per step, as run_loop does it: train_step, the LR schedule, and on
+    decision steps the guard's read and the ranks' stop vote."""
 
     def __init__(self, job: Job):
-        self.job, self.stop = job, torch.zeros((), device=job.env.device)
+        t, env = job.cfg.trainer, job.env
+        self.job, self.wish = job, torch.zeros(1, device=env.device)
+        self.parts = StepParts(job.wrapped, job.task, job.optimizer,
+                               UpdateGuard(t.nonfinite, t.max_skipped, env.device),
+                               job.autocast, t.grad_clip)
+        self.cadence = Cadence(t, job.cfg.checkpoint.every_steps, 1)
+        self.ddp = job.wrapped
 
-    def step(self, step: int, clock: perf.PhaseClock | None = None) -> None:
-        j = self.job
-        train_step(j.wrapped, j.optimizer, j.scheduler, j.dataset, j.schedule(step), j.autocast,
-                   j.cfg.trainer.grad_clip, stop=self.stop, clock=clock)
+    def step(self, step: int, clock: PhaseClock = NULL_CLOCK) -> None:
+        train_step(self.parts, self.job.schedule(step), step + 1, clock)
+        self.job.scheduler.step()
+        if self.cadence.decides(step + 1):
+            self.parts.guard.read()
+            all_reduce_(self.wish)
 
 
 def timed_steps(loop: Any, first: int, steps: int, device: torch.device) -> float:
     """Seconds for `steps` steps of every rank, from a common start to the slowest end."""
-    perf.sync(device)
+    measure.sync(device)
     all_reduce_(torch.zeros(1, device=device))  # a common start
     started = time.perf_counter()
     for s in range(first, first + steps):
         loop.step(s)
-    perf.sync(device)
+    measure.sync(device)
     elapsed = torch.tensor([time.perf_counter() - started], device=device, dtype=torch.float64)
     return all_reduce_(elapsed, op="max").item()
 
 
-def phases(loop: Any, first: int, steps: int, device: torch.device, ddp: Any,
-           hook: Any) -> dict[str, float]:
+def phases(loop: Any, first: int, steps: int, device: torch.device) -> dict[str, float]:
     """Mean seconds per step in each phase, over `steps` steps; runs one step more.
     Communication: the time inside the shared-memory hook (it is synchronous), else the
     wait DDP measured after the backward's compute, which DDP files at the next forward:
     step i's is read after step i + 1."""
     totals = {"data": 0.0, "fwd_bwd": 0.0, "comm": 0.0, "optim": 0.0}
+    hook = ddp.shm_state(loop.ddp)
     lag = 0 if hook is not None else 1
-    sampling = getattr(ddp, "_set_ddp_runtime_logging_sample_rate", lambda rate: None)
+    sampling = getattr(loop.ddp, "_set_ddp_runtime_logging_sample_rate", lambda rate: None)
     sampling(1)  # DDP times every step's all-reduce (on GPUs, with a sync per step)
     for i in range(steps + 1):
-        clock, hook_before = perf.PhaseClock(device), getattr(hook, "seconds", 0.0)
+        clock, hook_before = PhaseClock(device), getattr(hook, "seconds", 0.0)
         loop.step(first + i, clock)
         if i < steps:
             for name in ("data", "fwd_bwd", "optim"):
                 totals[name] += clock.seconds[name]
         if lag <= i < steps + lag:  # the wait of step i - lag
             totals["comm"] += (hook.seconds - hook_before if hook is not None
-                               else comm.comm_wait_s(ddp))
+                               else ddp.comm_wait_s(loop.ddp))
     sampling(100)  # DDP's default again for the timed steps: one step in 100
     totals["fwd_bwd"] -= totals["comm"]  # the wait happened inside the backward
     return {k: v / steps for k, v in totals.items()}
@@ -158,19 +175,32 @@ def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> tuple[float, float
     return worst_abs, worst_rel
 
 
+def build(overrides: list[str], micro_batch: int, env: DistEnv, work: Path, watchdog: Watchdog,
+          hosts: list[str]) -> Job:
+    """The job train() would build for these overrides."""
+    cfg = compose_config(overrides, micro_batch, env.world_size)
+    typed, spec = config.load(cfg, env.world_size, torch.cuda.is_available())
+    return build_job(typed, OmegaConf.to_container(cfg, resolve=True), env, spec, work,
+                     watchdog)
+
+
 def run(args: argparse.Namespace, env: DistEnv, work: Path,
         watchdog: Watchdog) -> dict[str, Any]:
     overrides = STANDARD + (QUICK if args.quick else []) + args.overrides
-    cfg = compose_config(overrides, args.micro_batch, env.world_size)
-    spec = config.validate(cfg, env.world_size, torch.cuda.is_available())
-    torch.set_num_threads(cfg.dist.threads_per_rank or cores_per_rank())  # as train() does
     hosts = gather_objects(socket.gethostname())
-    job = build_job(cfg, env, spec, work, watchdog)
-    probe = job.dataset.sample(job.dataset.eval_indices()[:8])[0]
+    job = build(overrides, args.micro_batch, env, work, watchdog, hosts)
+    cfg = job.cfg
+    torch.set_num_threads(cfg.dist.threads_per_rank or cores_per_rank())  # as train() does
+    probe = job.task.batch(job.task.eval_indices()[:8])[0]
     per_sample = flops_per_sample(job.model, probe)
     job.wrapped = distribute(job, hosts)
-    hook = comm.shm_state(job.wrapped)
     loops = {"trainer": Trainer(job), "reference": Reference(job)}
+    if env.device.type == "cpu" and env.world_size > 1 and cfg.dist.comm_hook == "auto":
+        # The opt-in shared-memory hook, on an identical job of its own.
+        shm = build(overrides + ["dist.comm_hook=shm"], args.micro_batch, env, work, watchdog,
+                    hosts)
+        shm.wrapped = distribute(shm, hosts)
+        loops["trainer_shm"] = Trainer(shm)
     for loop in loops.values():  # warm-up: allocators, kernels, torch.compile
         timed_steps(loop, 0, args.warmup, env.device)
     step = args.warmup
@@ -182,27 +212,29 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
         order = list(loops) if r % 2 == 0 else list(reversed(loops))
         for name in order:
             seconds[name].append(timed_steps(loops[name], step, args.steps, env.device))
-            phase_rounds[name].append(phases(
-                loops[name], step + args.steps, args.phase_steps, env.device,
-                job.wrapped if name == "trainer" else loops[name].ddp,
-                hook if name == "trainer" else None))
+            phase_rounds[name].append(phases(loops[name], step + args.steps, args.phase_steps,
+                                             env.device))
         peaks.append(matmul_peak(env.device, cfg.trainer.precision))
         step += args.steps + args.phase_steps + 1
     shares = {name: {k: statistics.median(p[k] for p in rounds) for k in rounds[0]}
               for name, rounds in phase_rounds.items()}
-    diff_abs, diff_rel = max_param_diff(job.model, loops["reference"].model)
+    diff_abs, diff_rel = max(max_param_diff(j.model, loops["reference"].model)
+                             for j in [job] + [lp.job for n, lp in loops.items() if n != "trainer"
+                                               and isinstance(lp, Trainer)])
     ranks = gather_objects({"rank": env.rank, "host": socket.gethostname(),
                             "threads": torch.get_num_threads(),
                             "peak_tflops": statistics.median(peaks)})
     top = 2**22 if args.quick else (2**30 if env.device.type == "cuda" else 2**26)
-    allreduce = (perf.allreduce_bandwidth(env.device, perf.message_sizes(top, smallest=2**12))
+    allreduce = (measure.allreduce_bandwidth(env.device,
+                                             measure.message_sizes(top, smallest=2**12))
                  if env.world_size > 1 else [])
+    spec = job.spec
     batch = spec.global_batch_size
     result: dict[str, Any] = {
         "workload": {"overrides": overrides, "world_size": env.world_size,
                      "micro_batch_per_rank": spec.micro_batch_size, "global_batch": batch,
                      "device": str(env.device), "device_name": device_name(env.device),
-                     "backend": env.backend, "hook": type(hook).__name__ if hook else "default",
+                     "backend": env.backend, "loops": list(loops),
                      "comm_hook": cfg.dist.comm_hook,
                      "precision": cfg.trainer.precision, "compile": cfg.trainer.compile,
                      "torch": torch.__version__, "threads_per_rank": torch.get_num_threads(),
@@ -226,8 +258,11 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
             "phase_share": {k: v / total for k, v in shares[name].items()}}
     t, ref = result["loops"]["trainer"], result["loops"]["reference"]
     result["speedup"] = t["median_samples_per_s"] / ref["median_samples_per_s"]
+    if "trainer_shm" in result["loops"]:
+        result["speedup_shm"] = (result["loops"]["trainer_shm"]["median_samples_per_s"]
+                                 / ref["median_samples_per_s"])
     result["matmul_peak_tflops_per_device"] = peak
-    sheet, source = perf.peak_tflops(env.device, cfg.trainer.precision)
+    sheet, source = peak_tflops(env.device, cfg.trainer.precision)
     if env.device.type == "cuda" and "data sheet" in source:
         result["mfu_vs_data_sheet"] = t["tflops_per_device"] / sheet
         result["data_sheet_peak_tflops"] = sheet
@@ -238,17 +273,17 @@ def matmul_peak(device: torch.device, precision: str) -> float:
     """The best square-matmul rate over a few sizes, every rank at once (as in training):
     a peak, not one size's luck."""
     sizes = (4096, 8192) if device.type == "cuda" else (256, 384, 512, 1024)
-    return max(perf.measured_matmul_tflops(device, precision, 0.1, n) for n in sizes)
+    return max(measured_matmul_tflops(device, precision, 0.1, n) for n in sizes)
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{os.cpu_count()}-core {perf.cpu_model()}"
+    return f"{os.cpu_count()}-core {measure.cpu_model()}"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dgxtrain.bench", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="python -m dgxtrain.tools.bench", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="Hydra overrides on top of the standard "
                    "workload, e.g. model.hidden_dim=8192 trainer.precision=bf16")

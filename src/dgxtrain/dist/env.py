@@ -9,29 +9,19 @@ environment. Three launchers are understood, in this order:
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import functools
-import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.distributed as tdist
 
-from dgxtrain import slurm
+from dgxtrain.dist import slurm
+from dgxtrain.errors import DistEnvError
 
-log = logging.getLogger(__name__)
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")
-
-
-class DistEnvError(RuntimeError):
-    """The launcher's environment is inconsistent; the message says what to set."""
 
 
 @dataclass(frozen=True)
@@ -148,83 +138,13 @@ def shared_run_id() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-@contextlib.contextmanager
-def process_group(env: DistEnv, timeout_s: float = 1800) -> Iterator[None]:
-    """Join the process group for the duration of the block; teardown always runs.
+def register_resolvers() -> None:
+    """Config resolvers that must agree on every rank, so they come from the launcher."""
+    from omegaconf import OmegaConf
 
-    Any launched job joins one, even of one rank: `torchrun --nproc_per_node=1` takes the
-    same NCCL/DDP path as eight ranks. Only a plain `python -m dgxtrain` runs without.
-    """
-    if env.launcher == "single":
-        yield
-        return
-    timeout = datetime.timedelta(seconds=timeout_s)
-    url = f"tcp://{env.master_addr}:{env.master_port}?rank={env.rank}&world_size={env.world_size}"
-    store, _, _ = next(tdist.rendezvous(url, timeout=timeout))
-    # torchrun's agent keeps its store across worker restarts: without a fresh prefix per
-    # attempt, a restarted rank can read the dead generation's addresses and fail to connect.
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    tdist.init_process_group(
-        env.backend, store=tdist.PrefixStore(f"dgxtrain/attempt-{attempt}", store),
-        rank=env.rank, world_size=env.world_size, timeout=timeout,
-        # Binding the group to this rank's GPU lets NCCL connect eagerly and never guess.
-        device_id=env.device if env.device.type == "cuda" else None)
-    log.info("joined %s process group: rank %d of %d via %s:%d", env.backend, env.rank,
-             env.world_size, env.master_addr, env.master_port)
-    try:
-        yield
-    finally:
-        tdist.destroy_process_group()
-
-
-def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-    """DDP all-reduces gradients on every backward unless told not to (no_sync)."""
-    if enabled or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
-
-
-def all_reduce_(t: torch.Tensor, mean: bool = False, op: str = "sum") -> torch.Tensor:
-    """In-place sum (or mean, or max) over ranks; a no-op in a single process."""
-    if _initialized():
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM)
-        if mean:
-            t /= tdist.get_world_size()
-    return t
-
-
-def _initialized() -> bool:
-    return tdist.is_available() and tdist.is_initialized()
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank (a small picklable value)."""
-    if not _initialized():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank iff `flag` is true on every rank."""
-    t = torch.tensor([0.0 if flag else 1.0], device=device)
-    return all_reduce_(t).item() == 0.0
-
-
-def gather_rows(row: torch.Tensor) -> torch.Tensor:
-    """Every rank's 1-D `row`, stacked in rank order (world_size x n); log steps only."""
-    if not _initialized():
-        return row.unsqueeze(0)
-    rows = [torch.empty_like(row) for _ in range(tdist.get_world_size())]
-    tdist.all_gather(rows, row)
-    return torch.stack(rows)
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's small picklable `obj`, in rank order."""
-    if not _initialized():
-        return [obj]
-    out: list[Any] = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj)
-    return out
+    # The run dir must be the same on every rank: ${now:} is resolved per process, so the
+    # id comes from what the launcher shares (see shared_run_id).
+    OmegaConf.register_new_resolver("dgx_run_id", shared_run_id, replace=True)
+    # Only rank 0 writes Hydra's .hydra/ folder; N ranks writing the same files race.
+    OmegaConf.register_new_resolver(
+        "dgx_hydra_subdir", lambda: ".hydra" if env_rank() == 0 else None, replace=True)

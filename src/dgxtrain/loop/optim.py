@@ -1,5 +1,5 @@
-"""Optimizer from the `optim` group, what it can do inside its kernel, and the learning-rate
-schedule."""
+"""The optimizer from the `optim` group, an update that can be skipped on the device, and the
+learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -29,16 +29,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_ste
         optimizer, lambda step: lr_factor(step, warmup_steps, max_steps, min_ratio))
 
 
-def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Fused Adam/AdamW/SGD take `found_inf` (as from a GradScaler) and skip the whole
-    update inside the kernel where it is non-zero: no host read before the step."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-
-
-def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all gradients together, as clip_grad_norm_ computes it, unclipped."""
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        return torch.nn.utils.get_total_norm(grads)
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step() unless `skip` (0-d, on the device) is true."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        # Fused Adam/AdamW/SGD take `found_inf` as from a GradScaler and apply nothing,
+        # not even Adam's step count, where it is non-zero: no host read.
+        optimizer.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not skip.item():  # other optimizers: the host reads the decision, once per step
+        optimizer.step()

@@ -1,0 +1,1 @@
+"""Where samples come from: the global sample order and the synthetic data."""

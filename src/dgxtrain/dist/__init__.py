@@ -1,0 +1,1 @@
+"""Who runs where: the launcher's environment, the process group, DDP, SLURM, preemption."""

@@ -1,0 +1,1 @@
+"""The training loop: the run's story, the step, evaluation, the optimizer."""

@@ -1,0 +1,47 @@
+"""Whether a step's update applies, decided on the device, read by the host on a cadence.
+
+Every rank holds the same all-reduced gradients after the backward, hence the same norm,
+hence the same decision: the guard needs no collective of its own. It keeps its counters
+on the device, so a step costs no host read; the loop reads them on decision steps.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from dgxtrain.loop.optim import step_unless
+
+
+class Reading(NamedTuple):
+    skipped: int  # non-finite steps in all, updates dropped
+    streak: int  # of them, in a row up to the last step
+    halted_at: int  # the step from which no update applies (0: none)
+
+
+class UpdateGuard:
+    """Skips a non-finite update on every rank alike, and halts for good at the first one
+    (nonfinite=error) or at `max_skipped` in a row (nonfinite=skip): then no later update
+    applies either, even one queued before the host looks."""
+
+    def __init__(self, mode: str, max_skipped: int, device: torch.device, skipped: int = 0,
+                 streak: int = 0):
+        self.halt_on_first = mode == "error"
+        self.max_skipped = max_skipped
+        self.counts = torch.tensor([skipped, streak, 0], dtype=torch.int64, device=device)
+
+    def update(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor,
+               step: int) -> None:
+        """optimizer.step() unless the gradient is non-finite or the guard has halted."""
+        skipped, streak, halted_at = self.counts.unbind()
+        live = halted_at == 0
+        bad = ~torch.isfinite(grad_norm) & live  # after a halt nothing more is counted
+        streak = torch.where(live, (streak + 1) * bad, streak)
+        halt = bad if self.halt_on_first else live & (streak >= self.max_skipped)
+        self.counts = torch.stack([skipped + bad, streak, halted_at + halt * step])
+        step_unless(optimizer, bad | ~live | halt)
+
+    def read(self) -> Reading:
+        """The counters on the host: a device sync, for decision steps only."""
+        return Reading(*self.counts.tolist())

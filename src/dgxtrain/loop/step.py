@@ -1,0 +1,53 @@
+"""One optimizer step over this rank's micro-batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dgxtrain.dist.ddp import grad_sync
+from dgxtrain.loop.guard import UpdateGuard
+from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
+from dgxtrain.tasks import Task
+
+
+@dataclass
+class StepParts:
+    """What every step uses, built once."""
+
+    model: torch.nn.Module  # the training forward: DDP-wrapped and/or compiled
+    task: Task
+    optimizer: torch.optim.Optimizer
+    guard: UpdateGuard
+    autocast: Callable
+    grad_clip: float  # 0: no clipping (the norm is still computed)
+
+
+def train_step(parts: StepParts, micro_batches: torch.Tensor, step: int,
+               clock: PhaseClock = NULL_CLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward each micro-batch, clip, and update unless the gradient is not
+    finite. Returns (this rank's loss, the gradient norm), both still on the device."""
+    model, task, accum = parts.model, parts.task, len(micro_batches)
+    loss_sum = 0.0
+    for i, indices in enumerate(micro_batches):
+        inputs, target = task.batch(indices)
+        clock.mark("data")
+        # DDP all-reduces the gradients in the last micro-batch's backward only.
+        with grad_sync(model, enabled=i == accum - 1):
+            with parts.autocast():
+                output = task.forward(model, inputs)
+            # The micro-batch mean / accum, averaged over ranks by DDP: the global mean.
+            loss = task.loss(output, target) / accum
+            # A non-finite loss turns every gradient NaN, so the all-reduce tells all ranks.
+            (loss * torch.where(torch.isfinite(loss), 1.0, math.nan)).backward()
+        loss_sum = loss_sum + loss.detach()
+        clock.mark("fwd_bwd")  # includes the wait for DDP's gradient all-reduce
+    # Every rank now holds the same gradients, so the same norm and the same decision.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip or math.inf)
+    parts.guard.update(parts.optimizer, grad_norm, step)  # skipped on the device if not finite
+    parts.optimizer.zero_grad(set_to_none=True)
+    clock.mark("optim")
+    return loss_sum, grad_norm

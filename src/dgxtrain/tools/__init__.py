@@ -1,0 +1,1 @@
+"""Entry points of their own: the benchmark, the doctor, the report."""
