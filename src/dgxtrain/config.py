@@ -101,6 +101,7 @@ class OptimConfig(Checked):
     lr: float = 1e-3
     """Peak learning rate (after warm-up)."""
     weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
     fused: bool = True
     """One kernel for the whole update instead of a dozen passes per tensor (CPU and
     CUDA); the same maths up to rounding. It also skips a non-finite step on the device."""
@@ -114,7 +115,9 @@ class OptimConfig(Checked):
 @dataclass
 class AdamWConfig(OptimConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Decay rates of the gradient's running mean and of its square's."""
     eps: float = 1e-8
+    """Added to the denominator, for numerical stability."""
 
 
 @dataclass
@@ -122,6 +125,7 @@ class SGDConfig(OptimConfig):
     _target_: str = "torch.optim.SGD"
     lr: float = 0.05
     momentum: float = 0.9
+    """Momentum factor."""
 
 
 # --- the trainer's own sections -----------------------------------------------------

@@ -11,15 +11,25 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 class PhaseClock:
     """Wall time of a step's phases. It waits for the device at each mark, so it is only
-    used on log steps; the other steps get NULL_CLOCK, which does nothing."""
+    used on log steps; the other steps get NULL_CLOCK, which does nothing.
+
+    The ranks start a timed step together (a tiny all-reduce): their phases then compare,
+    and the time each waited there, `lag_wait_s`, is how far ahead of the slowest it was."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
+        started = time.perf_counter()
+        if tdist.is_initialized():
+            tdist.all_reduce(torch.zeros(1, device=device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         self._t = time.perf_counter()
+        self.lag_wait_s = self._t - started
 
     def mark(self, phase: str) -> None:
         """The time since the previous mark was spent in `phase`."""
@@ -32,7 +42,7 @@ class PhaseClock:
 
 class _NullClock(PhaseClock):
     def __init__(self) -> None:
-        self.seconds = defaultdict(float)
+        self.seconds, self.lag_wait_s = defaultdict(float), 0.0
 
     def mark(self, phase: str) -> None:
         pass
@@ -67,15 +77,15 @@ def stragglers(busy_s: list[float], hosts: list[str]) -> dict[str, float | int |
 
 
 # What each rank reports on a log step, gathered in one collective (see local_row).
-COLUMNS = ("loss", "grad_norm", "data", "fwd_bwd", "optim", "comm_wait", "alloc_gb",
-           "reserved_gb", "rss_gb")
+COLUMNS = ("loss", "grad_norm", "data", "fwd_bwd", "optim", "comm_wait", "lag_wait",
+           "alloc_gb", "reserved_gb", "rss_gb")
 
 
 def local_row(loss: torch.Tensor, grad_norm: torch.Tensor, clock: PhaseClock,
               comm_wait_s: float, device: torch.device) -> torch.Tensor:
     cuda = device.type == "cuda"
     host = [clock.seconds["data"], clock.seconds["fwd_bwd"], clock.seconds["optim"], comm_wait_s,
-            torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
+            clock.lag_wait_s, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
             torch.cuda.max_memory_reserved(device) / 2**30 if cuda else 0.0, max_rss_gb()]
     return torch.cat([torch.stack([loss.float(), grad_norm.float()]).double(),
                       torch.tensor(host, dtype=torch.float64, device=device)])
@@ -89,7 +99,9 @@ def log_row(rows: list[list[float]], step_time_s: float, flops_per_step: float |
     out: dict[str, float | int | str] = {
         "train/loss": mean["loss"], "train/grad_norm": mean["grad_norm"],
         "perf/data_s": mean["data"], "perf/fwd_bwd_s": mean["fwd_bwd"],
-        "perf/optim_s": mean["optim"], "perf/comm_wait_s": mean["comm_wait"],
+        "perf/optim_s": mean["optim"],
+        # Waiting for the other ranks: at the timed step's start and in the gradient all-reduce.
+        "perf/comm_wait_s": mean["comm_wait"] + mean["lag_wait"],
         "mem/max_rss_gb": max(cols["rss_gb"]),
     }
     if max(cols["reserved_gb"]) > 0:
@@ -99,8 +111,10 @@ def log_row(rows: list[list[float]], step_time_s: float, flops_per_step: float |
         tflops = flops_per_step / step_time_s / len(rows) / 1e12  # per device
         out["perf/tflops"] = tflops
         out["perf/mfu"] = tflops / peak_tflops if peak_tflops > 0 else 0.0
-    busy = [d + f - w + o for d, f, w, o in zip(cols["data"], cols["fwd_bwd"],
-                                                cols["comm_wait"], cols["optim"])]
+    # A step less its waits inside, plus how much later than the first rank it arrived.
+    first = max(cols["lag_wait"])
+    busy = [d + f - w + o + first - lag for d, f, w, o, lag in zip(
+        cols["data"], cols["fwd_bwd"], cols["comm_wait"], cols["optim"], cols["lag_wait"])]
     return {**out, **stragglers(busy, hosts)}
 
 
