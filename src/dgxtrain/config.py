@@ -3,9 +3,9 @@
 Hydra composes `conf/` against the dataclasses below, so a typo or a wrong type fails at
 composition. `load()` then turns the composed tree into these dataclasses once, before any
 process group or GPU work: each one's `__post_init__` checks its own ranges, next to the
-fields. Only the `_target_` groups (model, data, optim) stay DictConfig, for `instantiate`;
-their schemas check their ranges on the way. docs/configuration.md is generated from here
-(`python -m dgxtrain.tools.configdoc`).
+fields (checks.py). Only the `_target_` groups (model, data, optim) stay DictConfig, for
+`instantiate`; their schemas (group_schemas.py) check their ranges on the way.
+docs/configuration.md is generated from both files (`python -m dgxtrain.tools.configdoc`).
 """
 
 from __future__ import annotations
@@ -18,115 +18,10 @@ from typing import Any, ClassVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from dgxtrain.checks import Checked
 from dgxtrain.errors import ConfigError
-
-
-class Checked:
-    """Range checks for a schema's fields, each naming its full key and the fix."""
-
-    section: ClassVar[str] = ""
-
-    def require(self, name: str, ok: bool, problem: str, fix: str) -> None:
-        if not ok:
-            key = f"{self.section}.{name}" if self.section else name
-            raise ConfigError(key, getattr(self, name), problem, fix)
-
-    def positive(self, *names: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            bound = ("seconds > 0" if name.endswith("_s") else
-                     "an integer >= 1" if isinstance(value, int) else "a number > 0")
-            self.require(name, value > 0, "must be positive",
-                         f"set {self.section}.{name} to {bound}")
-
-    def not_negative(self, *names: str) -> None:
-        for name in names:
-            self.require(name, getattr(self, name) >= 0, "must not be negative",
-                         f"set {self.section}.{name} >= 0 (0 disables it)")
-
-    def one_of(self, name: str, *choices: str) -> None:
-        self.require(name, getattr(self, name) in choices, f"unknown {name}",
-                     "use " + " or ".join(f"{self.section}.{name}={c}" for c in choices))
-
-
-# --- the _target_ groups: model, data, optim -----------------------------------------
-
-
-@dataclass
-class LinearModelConfig(Checked):
-    section: ClassVar[str] = "model"
-    _target_: str = "dgxtrain.tasks.regression.LinearRegressor"
-
-
-@dataclass
-class MLPModelConfig(Checked):
-    section: ClassVar[str] = "model"
-    _target_: str = "dgxtrain.tasks.regression.MLPRegressor"
-    hidden_dim: int = 256
-    """Width of every hidden layer."""
-    num_layers: int = 2
-    """Number of hidden layers (each Linear + GELU)."""
-
-    def __post_init__(self) -> None:
-        self.positive("hidden_dim", "num_layers")
-
-
-@dataclass
-class SyntheticDataConfig(Checked):
-    section: ClassVar[str] = "data"
-    _target_: str = "dgxtrain.data.synthetic.SyntheticRegression"
-    dim: int = 32
-    """Input features per sample."""
-    noise_std: float = 0.1
-    """Standard deviation of the Gaussian label noise."""
-    num_samples: int = 1_000_000
-    """Training indices [0, num_samples); costs no memory, 1e9 is fine."""
-    eval_samples: int = 4096
-    """Held-out indices [num_samples, num_samples + eval_samples)."""
-    target: str = "nonlinear"
-    """Ground truth: linear (w.x + b) or nonlinear (linear + sum of sines)."""
-
-    def __post_init__(self) -> None:
-        self.positive("dim", "num_samples", "eval_samples")
-        self.require("num_samples", self.num_samples <= 2**62,
-                     "too large for the sample index space", "use data.num_samples <= 2**62")
-        self.not_negative("noise_std")
-        self.one_of("target", "linear", "nonlinear")
-
-
-@dataclass
-class OptimConfig(Checked):
-    section: ClassVar[str] = "optim"
-    _target_: str = "torch.optim.AdamW"
-    lr: float = 1e-3
-    """Peak learning rate (after warm-up)."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
-    fused: bool = True
-    """One kernel for the whole update instead of a dozen passes per tensor (CPU and
-    CUDA); the same maths up to rounding. It also skips a non-finite step on the device."""
-
-    def __post_init__(self) -> None:
-        self.require("lr", self.lr > 0, "must be positive",
-                     "set optim.lr to a positive number, e.g. optim.lr=1e-3")
-        self.not_negative("weight_decay")
-
-
-@dataclass
-class AdamWConfig(OptimConfig):
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Decay rates of the gradient's running mean and of its square's."""
-    eps: float = 1e-8
-    """Added to the denominator, for numerical stability."""
-
-
-@dataclass
-class SGDConfig(OptimConfig):
-    _target_: str = "torch.optim.SGD"
-    lr: float = 0.05
-    momentum: float = 0.9
-    """Momentum factor."""
-
+from dgxtrain.group_schemas import (AdamWConfig, LinearModelConfig, MLPModelConfig, SGDConfig,
+                                    SyntheticDataConfig)
 
 # --- the trainer's own sections -----------------------------------------------------
 

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import dgxtrain.config
+import dgxtrain.group_schemas
 
-SOURCE = Path(dgxtrain.config.__file__)
+SOURCES = [Path(dgxtrain.config.__file__), Path(dgxtrain.group_schemas.__file__)]
 DOC = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
 # (heading, the group file that selects it) for the schemas of the _target_ groups.
 GROUPS = {"LinearModelConfig": "model=linear", "MLPModelConfig": "model=mlp",
@@ -69,9 +70,9 @@ def _table(section: str, rows: list[tuple]) -> list[str]:
 
 
 def render() -> str:
-    classes = _classes(ast.parse(SOURCE.read_text()))
+    classes = {k: v for src in SOURCES for k, v in _classes(ast.parse(src.read_text())).items()}
     lines = ["# Configuration reference", "",
-             "Generated from the schemas in `src/dgxtrain/config.py` by "
+             "Generated from the schemas in `src/dgxtrain/config.py` and `group_schemas.py` by "
              "`python -m dgxtrain.tools.configdoc`; a test fails when it is stale. Every key "
              "is a Hydra override: `python -m dgxtrain trainer.max_steps=200 optim.lr=3e-4`. "
              "A bad value fails before any GPU work, with one line naming the key and the fix.",
