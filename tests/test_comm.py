@@ -97,7 +97,6 @@ with process_group(env, timeout_s=60):
     for name in ("all_reduce", "all_gather", "broadcast", "barrier", "all_gather_object"):
         original = getattr(tdist, name)
         setattr(tdist, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
-    before = None
     for step in (1, 2, 3):
         nan[0] = step == 2 and env.rank == 1
         if step == 2:

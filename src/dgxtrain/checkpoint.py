@@ -200,7 +200,7 @@ def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
     ok = all_agree(not env.is_main or _attempt(step, "creating", make_tmp), env.device)
     ok = all_agree(ok and _attempt(step, "writing", write_files), env.device)
     ok = all_agree(ok and (not env.is_main or _attempt(step, "finishing", finish)),
-                        env.device)
+                   env.device)
     if env.is_main and not ok:
         shutil.rmtree(tmp, ignore_errors=True)
     if ok and env.is_main:

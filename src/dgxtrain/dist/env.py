@@ -1,4 +1,4 @@
-"""Distributed state: who am I, on which device, and the few collectives the loop needs.
+"""Distributed state: who am I, on which device, and the run id every rank agrees on.
 
 Every rank question goes through `DistEnv`; nothing else reads RANK or SLURM_* from the
 environment. Three launchers are understood, in this order:
@@ -18,7 +18,6 @@ import torch
 
 from dgxtrain.dist import slurm
 from dgxtrain.errors import DistEnvError
-
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")

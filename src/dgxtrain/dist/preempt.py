@@ -1,7 +1,7 @@
 """Stopping early to be requeued: a preemption signal, a stop file, or the job's deadline.
 
 A signal handler only records the request. The loop polls once per step; every rank's
-answer is summed over ranks on the loop's decision steps (loop/guard.py), so all ranks stop
+answer is summed over ranks on the loop's decision steps (loop/cadence.py), so all ranks stop
 after the same step, write one checkpoint together and exit with EXIT_REQUEUE. The stop
 file is the way through torchrun, which forwards only some signals to its workers: the
 batch shell traps the warning signal and touches <control dir>/stop, and rank 0 sees it

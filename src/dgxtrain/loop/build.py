@@ -125,7 +125,7 @@ def distribute(job: Job, hosts: list[str]) -> torch.nn.Module:
         # DDP broadcasts rank 0's weights at construction and buckets gradients so that
         # their all-reduce overlaps the rest of the backward pass.
         wrapped = ddp.wrap(wrapped, env, job.cfg.dist, hosts,
-                            uses_no_sync=job.spec.grad_accum_steps > 1 or job.cfg.trainer.compile)
+                           uses_no_sync=job.spec.grad_accum_steps > 1 or job.cfg.trainer.compile)
         # DDP times forward, backward and the gradient all-reduce on sampled iterations:
         # once per log interval, for the comm-wait and straggler metrics.
         wrapped._set_ddp_runtime_logging_sample_rate(

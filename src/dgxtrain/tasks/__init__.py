@@ -6,12 +6,11 @@ import torch
 
 from dgxtrain.config import Config
 from dgxtrain.tasks.base import Metric, Task
+from dgxtrain.tasks.regression import RegressionTask
 
 
 def build_task(cfg: Config, device: torch.device) -> Task:
     """The task of this config: today the built-in synthetic regression."""
-    from dgxtrain.tasks.regression import RegressionTask
-
     return RegressionTask(cfg.model, cfg.data, cfg.seed, device)
 
 
