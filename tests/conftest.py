@@ -49,12 +49,14 @@ def free_port() -> int:
 
 
 def cli_args(run_dir: Path, overrides: list[str], nproc: int = 1,
-             torchrun_args: tuple[str, ...] = ()) -> list[str]:
-    """`python -m dgxtrain` (nproc=1) or `torchrun --standalone` with nproc CPU ranks."""
+             torchrun_args: tuple[str, ...] = (), config_dir: Path | None = None) -> list[str]:
+    """`python -m dgxtrain` (nproc=1) or `torchrun --standalone` with nproc CPU ranks; a
+    user's own `--config-dir` if given."""
     launcher = ([sys.executable, "-m", "dgxtrain"] if nproc == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc_per_node={nproc}", *torchrun_args, "-m", "dgxtrain"])
-    return launcher + ["device=cpu", f"hydra.run.dir={run_dir}", *overrides]
+    extra = [f"--config-dir={config_dir}"] if config_dir else []
+    return launcher + extra + ["device=cpu", f"hydra.run.dir={run_dir}", *overrides]
 
 
 def children(pid: int) -> list[int]:
@@ -85,9 +87,9 @@ def kill_tree(pid: int) -> None:
 
 
 def run_cli(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: float = 300,
-            env: dict[str, str] | None = None,
-            torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    args = cli_args(run_dir, overrides, nproc, torchrun_args)
+            env: dict[str, str] | None = None, torchrun_args: tuple[str, ...] = (),
+            config_dir: Path | None = None) -> subprocess.CompletedProcess:
+    args = cli_args(run_dir, overrides, nproc, torchrun_args, config_dir)
     with subprocess.Popen(args, cwd=ROOT, env=env or clean_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as p:
         try:
@@ -100,8 +102,8 @@ def run_cli(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: float 
 
 
 def run_ok(run_dir: Path, overrides: list[str], nproc: int = 1,
-           torchrun_args: tuple[str, ...] = ()) -> dict:
-    p = run_cli(run_dir, overrides, nproc, torchrun_args=torchrun_args)
+           torchrun_args: tuple[str, ...] = (), config_dir: Path | None = None) -> dict:
+    p = run_cli(run_dir, overrides, nproc, torchrun_args=torchrun_args, config_dir=config_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 

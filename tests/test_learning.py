@@ -14,25 +14,25 @@ def test_linear_model_recovers_the_true_weights(tmp_path):
     s = train(cfg, tmp_path)
     assert s["weight_rel_err"] < 1e-2 and s["bias_err"] < 1e-2
     # Eval MSE reaches the noise floor (noise_std=0.01 -> 1e-4) and R² is ~1.
-    assert s["eval_loss"] < 2e-4 and s["r2"] > 0.999
+    assert s["eval_loss"] < 2e-4 and s["eval_r2"] > 0.999
 
 
 def test_mlp_fits_a_smooth_nonlinear_target(tmp_path):
     cfg = compose_cfg(["device=cpu", "data.target=nonlinear", "model=mlp",
                        "trainer.max_steps=600"])
     s = train(cfg, tmp_path)
-    assert s["r2"] > 0.95
+    assert s["eval_r2"] > 0.95
     # The nonlinear part is real: the best linear fit explains clearly less.
     lin = train(compose_cfg(["device=cpu", "model=linear", "trainer.max_steps=600"]),
                 tmp_path / "linear")
-    assert lin["r2"] < s["r2"] - 0.1
+    assert lin["eval_r2"] < s["eval_r2"] - 0.1
 
 
 def test_outputs_have_the_documented_fields(tmp_path):
     cfg = compose_cfg(["device=cpu", "experiment=smoke", "trainer.eval_every=10"])
     s = train(cfg, tmp_path)
     for key in ("world_size", "global_batch_size", "grad_accum_steps", "steps", "final_loss",
-                "eval_loss", "r2", "samples_per_s", "param_sha256", "wall_time_s"):
+                "eval_loss", "eval_r2", "samples_per_s", "param_sha256", "wall_time_s"):
         assert key in s, key
     assert s == json.loads((tmp_path / "summary.json").read_text())
     rows = read_metrics(tmp_path)
@@ -69,7 +69,7 @@ def test_warmup_then_cosine_schedule_is_logged(tmp_path):
 
 def test_bf16_autocast_trains(tmp_path):
     cfg = compose_cfg(["device=cpu", "trainer.precision=bf16", "trainer.max_steps=300"])
-    assert train(cfg, tmp_path)["r2"] > 0.9
+    assert train(cfg, tmp_path)["eval_r2"] > 0.9
 
 
 def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, caplog):

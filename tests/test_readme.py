@@ -41,5 +41,5 @@ def test_readme_train_command_from_a_fresh_copy(tmp_path):
     summaries = list((repo / "outputs").glob("*/summary.json"))
     assert len(summaries) == 1
     s = json.loads(summaries[0].read_text())
-    assert s["world_size"] == 2 and s["r2"] > 0.9
+    assert s["world_size"] == 2 and s["eval_r2"] > 0.9
     assert (repo / ".venv" / "bin" / "python").exists()  # set up from scratch in the copy

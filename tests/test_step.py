@@ -8,34 +8,37 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dgxtrain.data.order import GlobalBatchSchedule
 from dgxtrain.loop.build import make_autocast
 from dgxtrain.loop.guard import Reading, UpdateGuard
 from dgxtrain.loop.step import StepParts, train_step
+from dgxtrain.tasks import TaskLoss
 from dgxtrain.tasks.regression import RegressionTask
 
 DATA = {"_target_": "dgxtrain.data.synthetic.SyntheticRegression", "dim": 8, "noise_std": 0.1,
         "num_samples": 1000, "eval_samples": 64, "target": "nonlinear"}
 
 
-class Poisoned(RegressionTask):
-    """The regression task, with a loss that can be made non-finite on demand."""
+class PoisonableMSE(torch.nn.MSELoss):
+    """MSE that can be made non-finite on demand."""
 
     extra = 0.0  # added to the loss: a constant, so the gradients stay finite
 
-    def loss(self, output, target):
-        return super().loss(output, target) + self.extra
+    def forward(self, output, target):
+        return super().forward(output, target) + self.extra
 
 
 def make_parts(fused: bool, mode: str = "error", max_skipped: int = 5, device: str = "cpu"):
+    """The step's parts on the regression task, and its feed: feed(s) is step s's batches."""
     torch.manual_seed(0)
-    task = Poisoned(OmegaConf.create({}), OmegaConf.create(DATA), 0, torch.device(device))
+    dev = torch.device(device)
+    task = RegressionTask(OmegaConf.create({}), OmegaConf.create(DATA),
+                          TaskLoss(PoisonableMSE(), "PoisonableMSE"), ["loss"], 0, dev)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(),
-                                torch.nn.Linear(16, 1)).to(device)
+                                torch.nn.Linear(16, 1), torch.nn.Flatten(0)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
     guard = UpdateGuard(mode, max_skipped, torch.device(device))
     parts = StepParts(model, task, opt, guard, make_autocast(torch.device(device), "fp32"), 1.0)
-    return parts, GlobalBatchSchedule(1000, 0, 32, 0, 1, 32, device)
+    return parts, task.train_feed(0, 32, 0, 1, 32, 0, 1000, dev)
 
 
 def _params(model):
@@ -77,7 +80,7 @@ def test_a_non_finite_loss_is_skipped_even_where_its_gradients_are_finite(fused)
     # inf added as a constant: d(loss)/d(params) is finite, yet the step must not apply.
     parts, schedule = make_parts(fused, mode="skip")
     before = _params(parts.model)
-    parts.task.extra = math.inf
+    parts.task.loss.criterion.extra = math.inf
     loss, grad_norm = train_step(parts, schedule(0), 1)
     assert loss.item() == math.inf and not torch.isfinite(grad_norm)
     assert parts.guard.read().skipped == 1 and _same(before, _params(parts.model))
@@ -121,8 +124,8 @@ def test_clipping_is_that_of_clip_grad_norm(fused):
         ref_parts, _ = make_parts(False)
         ref, ref_opt = ref_parts.model, ref_parts.optimizer
         _, grad_norm = train_step(parts, schedule(0), 1)
-        x, y = parts.task.batch(schedule(0)[0])
-        torch.nn.functional.mse_loss(ref(x).reshape(y.shape), y).backward()
+        x, y = schedule(0)[0]
+        torch.nn.functional.mse_loss(ref(x), y).backward()
         norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip or math.inf)
         ref_opt.step()
         assert torch.allclose(grad_norm, norm, rtol=1e-6) and norm > 20 * clip

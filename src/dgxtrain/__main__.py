@@ -21,6 +21,7 @@ from dgxtrain.dist.preempt import Requeue
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3
+EXIT_DATA_ERROR = 4
 
 config.register_configs()
 register_resolvers()
@@ -42,6 +43,11 @@ def _exit_codes() -> Iterator[None]:
             sys.stderr.write(f"dgxtrain: checkpoint error: {e}\n")
             preempt.report_exit("checkpoint_error", detail=str(e))
         sys.exit(EXIT_CONFIG_ERROR)
+    except errors.DataError as e:
+        if main:
+            sys.stderr.write(f"dgxtrain: data error: {e}\n")
+            preempt.report_exit("data_error", detail=str(e))
+        sys.exit(EXIT_DATA_ERROR)
     except FloatingPointError as e:
         if main:
             logging.getLogger("dgxtrain").error("%s", e)

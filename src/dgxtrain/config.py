@@ -20,8 +20,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dgxtrain.checks import Checked
 from dgxtrain.errors import ConfigError
-from dgxtrain.group_schemas import (AdamWConfig, LinearModelConfig, MLPModelConfig, SGDConfig,
-                                    SyntheticDataConfig)
+from dgxtrain.group_schemas import (AdamWConfig, DatasetDataConfig, LinearModelConfig,
+                                    MLPModelConfig, SGDConfig, SyntheticDataConfig)
 
 # --- the trainer's own sections -----------------------------------------------------
 
@@ -205,7 +205,14 @@ class Config(Checked):
     model: Any = MISSING
     """The model: `_target_` names any nn.Module; the other keys are its arguments."""
     data: Any = MISSING
-    """The data: `_target_` names the data source; the other keys are its arguments."""
+    """The data: data=synthetic (the built-in regression, generated on the device), or
+    data=dataset and data.train / data.eval, map-style Datasets of your own."""
+    loss: Any = MISSING
+    """The loss: `_target_` names any callable module (output, target) -> scalar mean, e.g.
+    torch.nn.CrossEntropyLoss; the other keys are its arguments."""
+    metrics: list[Any] = field(default_factory=lambda: ["loss"])
+    """Eval metrics, by name (loss, accuracy, r2, bits_per_token, perplexity) or as
+    {_target_: your.Metric}; summary.json gets eval_<name>, W&B eval/<name>."""
     optim: Any = MISSING
     """The optimizer: `_target_` names any torch.optim class; the other keys are its
     arguments."""
@@ -221,7 +228,7 @@ class Config(Checked):
                      "use device=auto, device=cpu or device=cuda")
 
 
-TARGET_GROUPS = ("model", "data", "optim")
+TARGET_GROUPS = ("model", "data", "loss", "optim")
 SECTIONS = ("trainer", "checkpoint", "dist", "preemption", "fault", "logger")
 
 
@@ -232,6 +239,7 @@ def register_configs() -> None:
         ("model", "linear_schema", LinearModelConfig),
         ("model", "mlp_schema", MLPModelConfig),
         ("data", "synthetic_schema", SyntheticDataConfig),
+        ("data", "dataset_schema", DatasetDataConfig),
         ("optim", "adamw_schema", AdamWConfig),
         ("optim", "sgd_schema", SGDConfig),
         ("trainer", "trainer_schema", TrainerConfig),
@@ -271,8 +279,7 @@ class RunSpec:
         return cls(world_size, gbs, micro, gbs // per_step)
 
 
-def _check_target(cfg: DictConfig, group: str) -> None:
-    key = f"{group}._target_"
+def _check_target(cfg: DictConfig, key: str) -> None:
     target = OmegaConf.select(cfg, key)
     module, _, name = str(target).rpartition(".")
     try:
@@ -286,14 +293,17 @@ def load(cfg: DictConfig, world_size: int, cuda_available: bool) -> tuple[Config
     """The composed config as typed dataclasses, every range checked, and what follows from
     it for this world; raises ConfigError naming the key and the fix."""
     for group in TARGET_GROUPS:
-        _check_target(cfg, group)
+        # data=dataset names its two Datasets, not a data source of its own.
+        for node in ("data.train", "data.eval") if group == "data" and "train" in cfg.data \
+                else (group,):
+            _check_target(cfg, f"{node}._target_")
         # A group file that extends a schema gets that schema's checks; a user's bare
         # `_target_` node has none. The DictConfig itself is kept for instantiate.
         if OmegaConf.get_type(cfg[group]) not in (dict, None):
             OmegaConf.to_object(cfg[group])
     typed = {name: OmegaConf.to_object(cfg[name]) for name in SECTIONS}
     config = Config(seed=cfg.seed, device=cfg.device, model=cfg.model, data=cfg.data,
-                    optim=cfg.optim, **typed)
+                    loss=cfg.loss, metrics=cfg.metrics, optim=cfg.optim, **typed)
     config.require("device", config.device != "cuda" or cuda_available,
                    "no CUDA GPU is visible (torch.cuda.is_available() is False)",
                    "use device=auto or device=cpu, or run on a GPU node")

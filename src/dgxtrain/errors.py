@@ -25,6 +25,10 @@ class DistEnvError(RuntimeError):
     """The launcher's environment is inconsistent; the message says what to set."""
 
 
+class DataError(RuntimeError):
+    """The data failed while training (a loader worker died): one line with the fix."""
+
+
 def _valid_keys(ex: OmegaConfBaseException) -> list[str]:
     node = getattr(ex, "parent_node", None)
     if isinstance(node, DictConfig):

@@ -4,7 +4,9 @@ one is instantiated as it is; its fields check their ranges on the way (config.l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from omegaconf import MISSING
 
 from dgxtrain.checks import Checked
 
@@ -13,19 +15,26 @@ from dgxtrain.checks import Checked
 class LinearModelConfig(Checked):
     section: ClassVar[str] = "model"
     _target_: str = "dgxtrain.tasks.regression.LinearRegressor"
+    in_dim: int = MISSING
+    """Input features: `${data.dim}` in conf/model/linear.yaml."""
+
+    def __post_init__(self) -> None:
+        self.positive("in_dim")
 
 
 @dataclass
 class MLPModelConfig(Checked):
     section: ClassVar[str] = "model"
     _target_: str = "dgxtrain.tasks.regression.MLPRegressor"
+    in_dim: int = MISSING
+    """Input features: `${data.dim}` in conf/model/mlp.yaml."""
     hidden_dim: int = 256
     """Width of every hidden layer."""
     num_layers: int = 2
     """Number of hidden layers (each Linear + GELU)."""
 
     def __post_init__(self) -> None:
-        self.positive("hidden_dim", "num_layers")
+        self.positive("in_dim", "hidden_dim", "num_layers")
 
 
 @dataclass
@@ -49,6 +58,34 @@ class SyntheticDataConfig(Checked):
                      "too large for the sample index space", "use data.num_samples <= 2**62")
         self.not_negative("noise_std")
         self.one_of("target", "linear", "nonlinear")
+
+
+@dataclass
+class DatasetDataConfig(Checked):
+    section: ClassVar[str] = "data"
+    train: Any = MISSING
+    """The training set: `_target_` names any map-style torch Dataset whose items are
+    (input, target) pairs (input a tensor or a dict of tensors); the other keys are its
+    arguments. Its randomness (augmentation) must come from the global torch, numpy or
+    random RNGs, which are seeded per sample from (seed, index, pass)."""
+    eval: Any = MISSING
+    """The held-out set, a Dataset like data.train; each item is evaluated once."""
+    num_workers: int = 2
+    """Loader worker processes per rank; 0 = load in the training process."""
+    prefetch_factor: int = 2
+    """Batches each worker reads ahead."""
+    pin_memory: bool = True
+    """Page-locked batches on GPUs, so the copy to the device is asynchronous."""
+    persistent_workers: bool = True
+    """Keep the eval loader's workers between evaluations."""
+    start_method: str = "forkserver"
+    """How workers start: forkserver or spawn (safe with CUDA; the dataset is pickled to
+    them), or fork (CPU runs only)."""
+
+    def __post_init__(self) -> None:
+        self.not_negative("num_workers")
+        self.positive("prefetch_factor")
+        self.one_of("start_method", "forkserver", "spawn", "fork")
 
 
 @dataclass

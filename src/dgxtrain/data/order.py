@@ -59,7 +59,7 @@ class GlobalBatchSchedule:
         self.device = torch.device(device)
         # Index maths for many steps at once keeps the permutation's host sync rare.
         self.chunk_steps = max(1, 65536 // self.per_rank)
-        self._chunk_start, self._chunk = -1, torch.empty(0)
+        self._chunk_start, self._chunk, self._passes = -1, torch.empty(0), torch.empty(0)
 
     def positions(self, step: int, steps: int = 1) -> torch.Tensor:
         s = torch.arange(step, step + steps, device=self.device, dtype=torch.int64)
@@ -67,10 +67,20 @@ class GlobalBatchSchedule:
         return s[:, None] * self.global_batch + self.offset + local[None, :]
 
     def __call__(self, step: int) -> torch.Tensor:
+        i = self._fill(step)
+        return self._chunk[i]
+
+    def passes(self, step: int) -> torch.Tensor:
+        """The pass over the data of each of step's samples, shaped like its indices."""
+        i = self._fill(step)
+        return self._passes[i]
+
+    def _fill(self, step: int) -> int:
         start = step - step % self.chunk_steps
         if start != self._chunk_start:
             pos = self.positions(start, self.chunk_steps)
             n = self.perm.n
-            self._chunk = self.perm(pos % n, pos // n).view(-1, self.accum, self.micro)
+            self._passes = (pos // n).view(-1, self.accum, self.micro)
+            self._chunk = self.perm(pos % n, self._passes.reshape(pos.shape)).view_as(self._passes)
             self._chunk_start = start
-        return self._chunk[step - start]
+        return step - start

@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from dgxtrain import __version__, checkpoint
 from dgxtrain.config import Config, RunSpec
-from dgxtrain.data.order import GlobalBatchSchedule
+from dgxtrain.data.loader import to_device
 from dgxtrain.dist import ddp
 from dgxtrain.dist.collectives import all_agree
 from dgxtrain.dist.ddp import grad_sync
@@ -33,7 +34,7 @@ from dgxtrain.loop.optim import build_optimizer, build_scheduler
 from dgxtrain.observe.metrics import count_parameters, flops_per_sample
 from dgxtrain.observe.peak import peak_tflops
 from dgxtrain.observe.trackers import NullTracker
-from dgxtrain.tasks import Task, build_task
+from dgxtrain.tasks import Task, TaskLoss, build_task
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ class Job:
     model: torch.nn.Module  # unwrapped: evaluation, state_dict, parameter hash
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    schedule: GlobalBatchSchedule
     autocast: Callable
     run_dir: Path
     faults: Faults
@@ -101,11 +101,20 @@ def _constructing(group: str, node: DictConfig) -> Iterator[None]:
 
 def build_job(cfg: Config, resolved: dict[str, Any], env: DistEnv, spec: RunSpec,
               run_dir: Path, watchdog: Watchdog) -> Job:
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    with _constructing("loss", cfg.loss):
+        loss = TaskLoss(instantiate(cfg.loss), cfg.loss.get("_target_"))
     with _constructing("data", cfg.data):
-        task = build_task(cfg, env.device)
+        task = build_task(cfg, loss, env.device)
+    if task.num_samples < spec.global_batch_size:
+        raise ConfigError("trainer.global_batch_size", spec.global_batch_size, f"is more than "
+                          f"the {task.num_samples} training samples", "lower it to at most "
+                          f"{task.num_samples}, or give more training data")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     with _constructing("model", cfg.model):
-        model = task.build_model().to(env.device)
+        model = task.build_model()
+    # On the CPU, before any GPU work: the model takes the data, the loss the output.
+    task.check(model.eval())  # eval: no BatchNorm statistics move in the check
+    model = model.train().to(env.device)
     with _constructing("optim", cfg.optim):
         optimizer = build_optimizer(cfg.optim, model)
     faults = Faults(cfg.fault, env.rank, run_dir)
@@ -113,8 +122,6 @@ def build_job(cfg: Config, resolved: dict[str, Any], env: DistEnv, spec: RunSpec
     t = cfg.trainer
     return Job(cfg, resolved, env, spec, task, model, optimizer,
                build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio),
-               GlobalBatchSchedule(task.num_samples, cfg.seed, spec.global_batch_size,
-                                   env.rank, env.world_size, spec.micro_batch_size, env.device),
                make_autocast(env.device, t.precision), run_dir, faults, watchdog)
 
 
@@ -131,7 +138,7 @@ def distribute(job: Job, hosts: list[str]) -> torch.nn.Module:
         wrapped._set_ddp_runtime_logging_sample_rate(
             job.cfg.trainer.log_every * job.spec.grad_accum_steps)
     if job.cfg.trainer.compile:
-        example = job.task.batch(job.schedule(0)[0])[0]
+        example = to_device(job.task.example(job.spec.micro_batch_size)[0], env.device)
         wrapped = compile_or_eager(wrapped, job.task, example, job.autocast, env.device)
     return wrapped
 
@@ -139,14 +146,14 @@ def distribute(job: Job, hosts: list[str]) -> torch.nn.Module:
 def describe(job: Job, hosts: list[str]) -> dict[str, Any]:
     """The derived values logged at start (and stored as derived.json). Before distribute()."""
     env, model = job.env, job.model
-    probe = job.task.batch(job.task.eval_indices()[:8])[0]
-    per_sample = flops_per_sample(model, probe)
+    inputs, target = to_device(job.task.example(), env.device)
+    per_sample = flops_per_sample(model, inputs, len(target))
     cuda = env.device.type == "cuda"
     # Only rank 0 reports MFU; on a CPU its peak is measured, which takes a moment.
     peak, source = (peak_tflops(env.device, job.cfg.trainer.precision) if env.is_main
                     else (0.0, ""))
     return {
-        **dataclasses.asdict(job.spec), "device": str(env.device), "backend": env.backend,
+        **dataclasses.asdict(job.spec), **job.task.describe(), "device": str(env.device), "backend": env.backend,
         "launcher": env.launcher, "parameters": count_parameters(model),
         "flops_per_step": per_sample * job.spec.global_batch_size if per_sample else None,
         "peak_tflops_per_device": peak, "peak_tflops_source": source,

@@ -19,18 +19,15 @@ def evaluate(task: Task, model: torch.nn.Module, env: DistEnv, batch_size: int,
     was_training = model.training
     model.eval()
     metrics = task.metrics()
-    sums: list[torch.Tensor | float] = [0.0] * len(metrics)
-    mine = task.eval_indices().tensor_split(env.world_size)[env.rank]
-    # split() of no indices is one empty batch: a rank without samples adds zeros.
-    for indices in mine.split(batch_size):
-        inputs, target = task.batch(indices)
+    sums = [torch.zeros(m.size, dtype=torch.float64, device=env.device) for m in metrics]
+    for inputs, target in task.eval_batches(env.rank, env.world_size, batch_size, env.device):
         with autocast():
             output = task.forward(model, inputs)
         sums = [s + m.statistics(output, target) for s, m in zip(sums, metrics)]
     model.train(was_training)
     totals = all_reduce_(torch.cat(sums)).tolist()
     out: dict[str, float] = {}
-    for m, s in zip(metrics, sums):
-        out.update(m.values(totals[:len(s)]))
-        totals = totals[len(s):]
+    for m in metrics:
+        out.update(m.values(totals[:m.size]))
+        totals = totals[m.size:]
     return out

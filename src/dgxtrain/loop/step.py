@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dgxtrain.dist.collectives import all_reduce_
 from dgxtrain.dist.ddp import grad_sync
 from dgxtrain.loop.guard import UpdateGuard
 from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
 from dgxtrain.tasks import Task
+from dgxtrain.tasks.base import Batch
 
 
 @dataclass
@@ -26,21 +28,25 @@ class StepParts:
     grad_clip: float  # 0: no clipping (the norm is still computed)
 
 
-def train_step(parts: StepParts, micro_batches: torch.Tensor, step: int,
+def train_step(parts: StepParts, micro_batches: list[Batch], step: int,
                clock: PhaseClock = NULL_CLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward each micro-batch, clip, and update unless the gradient is not
     finite. Returns (this rank's loss, the gradient norm), both still on the device."""
-    model, task, accum = parts.model, parts.task, len(micro_batches)
+    model, loss_of, accum = parts.model, parts.task.loss, len(micro_batches)
+    clock.mark("data")  # the wait for this step's batches
+    per_rank = None
+    if loss_of.counts_vary:  # e.g. tokens with ignore_index: the global valid count
+        valid = sum(loss_of.count(t) for _, t in micro_batches).double()
+        per_rank = all_reduce_(valid, mean=True).float()
     loss_sum = 0.0
-    for i, indices in enumerate(micro_batches):
-        inputs, target = task.batch(indices)
-        clock.mark("data")
+    for i, (inputs, target) in enumerate(micro_batches):
         # DDP all-reduces the gradients in the last micro-batch's backward only.
         with grad_sync(model, enabled=i == accum - 1):
             with parts.autocast():
-                output = task.forward(model, inputs)
-            # The micro-batch mean / accum, averaged over ranks by DDP: the global mean.
-            loss = task.loss(output, target) / accum
+                output = parts.task.forward(model, inputs)
+            # Averaged over ranks by DDP, each share adds up to the global batch's mean.
+            loss = (loss_of.mean(output, target) / accum if per_rank is None
+                    else loss_of.total(output, target) / per_rank)
             # A non-finite loss turns every gradient NaN, so the all-reduce tells all ranks.
             (loss * torch.where(torch.isfinite(loss), 1.0, math.nan)).backward()
         loss_sum = loss_sum + loss.detach()

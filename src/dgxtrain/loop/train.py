@@ -37,6 +37,7 @@ from dgxtrain.observe import logs
 from dgxtrain.observe.metrics import StepMeter, param_sha256
 from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock, local_row, log_row, seconds_since_launch
 from dgxtrain.observe.trackers import NullTracker, build_tracker, redact, run_identity
+from dgxtrain.tasks import Feed
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,11 @@ def _run(job: Job, run_dir: Path, stops: StopRequests) -> tuple[TrainState, dict
              "and ends the job)", run_dir, cfg.dist.timeout_s)
     log.info("start: %s", " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in derived.items()))
-    summary = run_loop(job, state, tracker, stops, derived, hosts)
+    # Starts at the resumed step: a seek, no replay, nothing read ahead from before.
+    with job.task.train_feed(cfg.seed, job.spec.global_batch_size, env.rank, env.world_size,
+                             job.spec.micro_batch_size, state.step, cfg.trainer.max_steps,
+                             env.device) as feed:
+        summary = run_loop(job, state, feed, tracker, stops, derived, hosts)
     if state.stop_reason == "requeue":  # not the end of the run: no final outputs yet
         tracker.finish(summary, exit_code=EXIT_REQUEUE)
         return state, summary
@@ -136,8 +141,8 @@ def _run(job: Job, run_dir: Path, stops: StopRequests) -> tuple[TrainState, dict
     return state, summary
 
 
-def run_loop(job: Job, state: TrainState, tracker: NullTracker, stops: StopRequests,
-             derived: dict[str, Any], hosts: list[str]) -> dict[str, Any]:
+def run_loop(job: Job, state: TrainState, feed: Feed, tracker: NullTracker,
+             stops: StopRequests, derived: dict[str, Any], hosts: list[str]) -> dict[str, Any]:
     """Step until done; log, evaluate, save and decide on schedule. Returns the summary."""
     cfg, env, batch = job.cfg, job.env, job.spec.global_batch_size
     t, first_step, last = cfg.trainer, state.step, {}
@@ -162,7 +167,7 @@ def run_loop(job: Job, state: TrainState, tracker: NullTracker, stops: StopReque
         # Log steps time their phases (a device sync per phase); the others do not.
         clock = PhaseClock(env.device) if cadence.logs(step) else NULL_CLOCK
         lr = job.optimizer.param_groups[0]["lr"]
-        loss, grad_norm = train_step(parts, job.schedule(state.step), step, clock)
+        loss, grad_norm = train_step(parts, feed(state.step), step, clock)
         job.scheduler.step()
         state.step, state.samples_seen = step, state.samples_seen + batch
         if cadence.decides(step):

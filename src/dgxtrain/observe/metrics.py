@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,8 +17,9 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_sample(model: torch.nn.Module, x: torch.Tensor) -> float | None:
-    """Forward + backward FLOPs per sample, counted on a small batch `x`.
+def flops_per_sample(model: torch.nn.Module, x: Any, n: int | None = None) -> float | None:
+    """Forward + backward FLOPs per sample, counted on a small batch `x` of `n` samples
+    (a tensor, or a dict of keyword tensors).
 
     Eval mode, so that batch-norm statistics do not move; the gradients are dropped after.
     Call it before DDP wraps the model: DDP's hooks would count this backward as a step.
@@ -26,8 +28,8 @@ def flops_per_sample(model: torch.nn.Module, x: torch.Tensor) -> float | None:
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(x).float().sum().backward()
-        return counter.get_total_flops() / x.shape[0]
+            (model(**x) if isinstance(x, dict) else model(x)).float().sum().backward()
+        return counter.get_total_flops() / (n or len(x))
     except Exception as e:  # a user model the counter cannot trace: report n/a, never fail
         log.debug("FLOP count unavailable: %s", e)
         return None

@@ -3,41 +3,48 @@
 The loop, the step, the evaluation and the trackers know a task through this interface
 only. A task answers:
 
-  build_model()          the nn.Module, built once (the same initial weights on every rank)
+  build_model()          the nn.Module: model._target_ with exactly its own config keys
   num_samples            training samples are the indices [0, num_samples)
-  batch(indices)         (input, target) of those sample indices, on the training device:
-                         a pure function of the indices, whoever asks and whenever
+  example(n)             n training samples (input, target) on the CPU, for checks
+  train_feed(...)        this rank's micro-batches of global batch s, on the device
+  eval_batches(...)      this rank's share of the held-out samples, each one once
   forward(model, input)  the model's output (input is a tensor, or a dict of keyword tensors)
-  loss(output, target)   the batch's mean loss, a scalar in fp32
-  eval_indices()         the held-out samples, each evaluated once
+  loss                   the criterion (loss._target_) with the count its mean is over
   metrics()              eval metrics: each adds up per-batch statistics, reduced over ranks
+  describe()             values about the data, logged at start (sizes, hashes)
   summary(model)         values of the trained model itself (default: none)
 
 As in Composer (`ComposerModel.loss`, `eval_forward`) the loss belongs to the task, not to
 the loop; as in torchtitan's train spec a task is one object the loop is handed. Which
-sample indices a rank asks for, and when, is the loop's business (data/order.py): that is
-what keeps the sample order independent of the world size.
+sample indices a rank trains on at step s is fixed by data/order.py: that is what keeps
+the sample order independent of the world size.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from dgxtrain.errors import ConfigError
+from dgxtrain.tasks.losses import TaskLoss, _first_line, _shape
+from dgxtrain.tasks.metrics import Metric, build_metrics
+
+Batch = tuple[Any, torch.Tensor]  # (input: a tensor or a dict of tensors, target)
 
 
-class Metric(ABC):
-    """An eval metric as sums of per-batch statistics: the sums of every rank's batches are
-    added in one all-reduce (float64), then turned into values."""
+class Feed(Protocol):
+    """Steps' batches in order: feed(s) is this rank's micro-batches of global batch s."""
 
-    @abstractmethod
-    def statistics(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """A float64 vector of sums over this batch (the same length every call)."""
+    def __call__(self, step: int) -> list[Batch]: ...
 
-    @abstractmethod
-    def values(self, totals: list[float]) -> dict[str, float]:
-        """Named values from the statistics summed over every batch of every rank."""
+    def __enter__(self) -> Feed: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class Task(ABC):
@@ -45,23 +52,58 @@ class Task(ABC):
 
     num_samples: int
 
-    @abstractmethod
-    def build_model(self) -> torch.nn.Module: ...
+    def __init__(self, model_cfg: DictConfig, loss: TaskLoss, metric_specs: Any):
+        self.model_cfg, self.loss = model_cfg, loss
+        self._metrics = build_metrics(metric_specs, loss)  # a bad name fails at start
+
+    def build_model(self) -> torch.nn.Module:
+        return instantiate(self.model_cfg)
 
     @abstractmethod
-    def batch(self, indices: torch.Tensor) -> tuple[Any, torch.Tensor]: ...
+    def example(self, n: int = 8) -> Batch: ...
 
     @abstractmethod
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+    def train_feed(self, seed: int, global_batch: int, rank: int, world_size: int,
+                   micro_batch: int, start: int, end: int, device: torch.device) -> Feed: ...
 
     @abstractmethod
-    def eval_indices(self) -> torch.Tensor: ...
+    def eval_batches(self, rank: int, world_size: int, batch_size: int,
+                     device: torch.device) -> Iterable[Batch]: ...
 
-    @abstractmethod
-    def metrics(self) -> list[Metric]: ...
+    def metrics(self) -> list[Metric]:
+        return self._metrics
 
     def forward(self, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
-    def summary(self, model: torch.nn.Module) -> dict[str, float]:
+    def check(self, model: torch.nn.Module) -> None:
+        """Before any GPU work: the model takes the data's input, the loss its output."""
+        inputs, target = self.example()
+        try:
+            with torch.no_grad():
+                output = self.forward(model, inputs)
+        except Exception as e:
+            raise ConfigError("model._target_", self.model_cfg.get("_target_"),
+                              f"cannot take the data's input {_shape(inputs)} "
+                              f"({_first_line(e)})", "make the model's input size match the "
+                              "data's (its in_dim, say), or the data's items the model") from e
+        self.loss.check(output, target)
+        for metric in self._metrics:
+            try:
+                stats = metric.statistics(output, target)
+                ok = stats.shape == (metric.size,)
+            except Exception as e:
+                raise ConfigError("metrics", type(metric).__name__, f"cannot take the model's "
+                                  f"output {_shape(output)} and the target {_shape(target)} "
+                                  f"({_first_line(e)})", "choose metrics that fit the task "
+                                  "(accuracy for classes, r2 for regression)") from e
+            if not ok:
+                raise ConfigError("metrics", type(metric).__name__, f"statistics() returned "
+                                  f"{_shape(stats)}, not its size {metric.size}",
+                                  "return a float64 vector of `size` sums")
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def summary(self, model: torch.nn.Module) -> dict[str, Any]:
         return {}

@@ -1,43 +1,51 @@
-"""The built-in task: regression on synthetic data (data/synthetic.py), trained with MSE.
+"""The built-in task: regression on synthetic data (data/synthetic.py), generated on the
+training device; MSE by default (conf/loss/mse.yaml).
 
-Its models take `in_dim`, which the task passes from the data; any nn.Module with that
-argument plugs in through `model._target_`.
+Its models take `in_dim`, which their configs interpolate from the data (`${data.dim}`);
+any nn.Module plugs in through `model._target_`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from dgxtrain.tasks.base import Metric, Task
+from dgxtrain.data.order import GlobalBatchSchedule
+from dgxtrain.tasks.base import Task
+from dgxtrain.tasks.losses import TaskLoss
 
 
 class RegressionTask(Task):
-    def __init__(self, model_cfg: DictConfig, data_cfg: DictConfig, seed: int,
-                 device: torch.device):
-        self.model_cfg = model_cfg
+    def __init__(self, model_cfg: DictConfig, data_cfg: DictConfig, loss: TaskLoss,
+                 metric_specs: Any, seed: int, device: torch.device):
+        super().__init__(model_cfg, loss, metric_specs)
         self.data = instantiate(data_cfg, seed=seed, device=device)
         self.num_samples = self.data.num_samples
-
-    def build_model(self) -> nn.Module:
-        return instantiate(self.model_cfg, in_dim=self.data.dim)
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data.sample(indices)
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(output.float().reshape(target.shape), target)
+    def example(self, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(torch.arange(min(n, self.num_samples), device=self.data.device))
+        return x.cpu(), y.cpu()
 
-    def eval_indices(self) -> torch.Tensor:
-        return self.data.eval_indices()
+    def train_feed(self, seed: int, global_batch: int, rank: int, world_size: int,
+                   micro_batch: int, start: int, end: int, device: torch.device) -> DeviceFeed:
+        return DeviceFeed(self.batch, GlobalBatchSchedule(
+            self.num_samples, seed, global_batch, rank, world_size, micro_batch, device))
 
-    def metrics(self) -> list[Metric]:
-        return [SquaredError()]
+    def eval_batches(self, rank: int, world_size: int, batch_size: int,
+                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        mine = self.data.eval_indices().tensor_split(world_size)[rank]
+        return (self.batch(indices) for indices in mine.split(batch_size))
+
+    def describe(self) -> dict[str, Any]:
+        return {"train_samples": self.num_samples, "eval_samples": self.data.eval_samples}
 
     def summary(self, model: nn.Module) -> dict[str, float]:
         """How close a linear model on linear data came to the true weights."""
@@ -48,18 +56,21 @@ class RegressionTask(Task):
                 "bias_err": abs(model.linear.bias.item() - self.data.true_bias.item())}
 
 
-class SquaredError(Metric):
-    """eval_loss (the MSE) and R², from the sums of squared errors, y and y², in float64."""
+class DeviceFeed:
+    """Batches generated on the training device from the step's sample indices."""
 
-    def statistics(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        y = target.double()
-        err = output.float().reshape(target.shape).double() - y
-        n = torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)
-        return torch.stack([err.square().sum(), y.sum(), y.square().sum(), n])
+    def __init__(self, batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 schedule: GlobalBatchSchedule):
+        self.batch, self.schedule = batch, schedule
 
-    def values(self, totals: list[float]) -> dict[str, Any]:
-        sse, sy, syy, n = totals
-        return {"eval_loss": sse / n, "r2": 1.0 - sse / max(syy - sy * sy / n, 1e-300)}
+    def __call__(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.batch(indices) for indices in self.schedule(step)]
+
+    def __enter__(self) -> DeviceFeed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 class LinearRegressor(nn.Module):

@@ -52,6 +52,7 @@ from dgxtrain.observe import logs
 from dgxtrain.observe.peak import measured_matmul_tflops, peak_tflops
 from dgxtrain.observe.metrics import flops_per_sample
 from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
+from dgxtrain.tasks import Feed
 from dgxtrain.tools import measure
 from dgxtrain.tools.bench_report import memory_and_startup, plot, table
 
@@ -92,13 +93,14 @@ class Reference:
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps,
                                          t.min_lr_ratio)
         self.job, self.autocast = job, make_autocast(env.device, t.precision)
+        self.feed = feed(job)
 
     def step(self, step: int, clock: PhaseClock = NULL_CLOCK) -> None:
-        x, y = self.job.task.batch(self.job.schedule(step)[0])
+        x, y = self.feed(step)[0]
         clock.mark("data")
         with self.autocast():
             pred = self.ddp(x)
-        self.job.task.loss(pred, y).backward()
+        torch.nn.functional.mse_loss(pred.float(), y).backward()
         clock.mark("fwd_bwd")
         torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                        self.job.cfg.trainer.grad_clip or math.inf)
@@ -106,6 +108,14 @@ class Reference:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         clock.mark("optim")
+
+
+def feed(job: Job) -> Feed:
+    """The built-in task's batches, generated on the device: the same for every loop."""
+    s = job.spec
+    return job.task.train_feed(job.cfg.seed, s.global_batch_size, job.env.rank,
+                               job.env.world_size, s.micro_batch_size, 0,
+                               job.cfg.trainer.max_steps, job.env.device)
 
 
 class Trainer:
@@ -119,10 +129,10 @@ class Trainer:
                                UpdateGuard(t.nonfinite, t.max_skipped, env.device),
                                job.autocast, t.grad_clip)
         self.cadence = Cadence(t, job.cfg.checkpoint.every_steps, 1)
-        self.ddp = job.wrapped
+        self.ddp, self.feed = job.wrapped, feed(job)
 
     def step(self, step: int, clock: PhaseClock = NULL_CLOCK) -> None:
-        train_step(self.parts, self.job.schedule(step), step + 1, clock)
+        train_step(self.parts, self.feed(step), step + 1, clock)
         self.job.scheduler.step()
         if self.cadence.decides(step + 1):
             self.parts.guard.read()
@@ -191,7 +201,7 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
     job = build(overrides, args.micro_batch, env, work, watchdog, hosts)
     cfg = job.cfg
     torch.set_num_threads(cfg.dist.threads_per_rank or cores_per_rank())  # as train() does
-    probe = job.task.batch(job.task.eval_indices()[:8])[0]
+    probe = job.task.example()[0].to(env.device)
     per_sample = flops_per_sample(job.model, probe)
     job.wrapped = distribute(job, hosts)
     loops = {"trainer": Trainer(job), "reference": Reference(job)}

@@ -16,7 +16,8 @@ SOURCES = [Path(dgxtrain.config.__file__), Path(dgxtrain.group_schemas.__file__)
 DOC = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
 # (heading, the group file that selects it) for the schemas of the _target_ groups.
 GROUPS = {"LinearModelConfig": "model=linear", "MLPModelConfig": "model=mlp",
-          "SyntheticDataConfig": "data=synthetic", "AdamWConfig": "optim=adamw",
+          "SyntheticDataConfig": "data=synthetic", "DatasetDataConfig": "data=dataset",
+          "AdamWConfig": "optim=adamw",
           "SGDConfig": "optim=sgd"}
 
 

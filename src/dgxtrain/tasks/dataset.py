@@ -1,0 +1,95 @@
+"""A user's own task: map-style Datasets of (input, target) pairs (conf/data/dataset.yaml),
+any model, any loss, read through the loader path (data/loader.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from dgxtrain.data.loader import (LoaderFeed, SeededItems, StepSampler, check_picklable,
+                                  make_loader, to_device)
+from dgxtrain.data.order import GlobalBatchSchedule
+from dgxtrain.errors import ConfigError
+from dgxtrain.tasks.base import Batch, Task
+from dgxtrain.tasks.losses import TaskLoss, _shape
+
+
+class DatasetTask(Task):
+    def __init__(self, model_cfg: DictConfig, data_cfg: DictConfig, loss: TaskLoss,
+                 metric_specs: Any, seed: int, device: torch.device):
+        super().__init__(model_cfg, loss, metric_specs)
+        self.cfg, self.seed, self.device = data_cfg, seed, device
+        self.train: Dataset = instantiate(data_cfg.train)
+        self.eval: Dataset = instantiate(data_cfg.eval)
+        self.num_samples = len(self.train)
+        if data_cfg.start_method == "fork" and device.type == "cuda" and data_cfg.num_workers:
+            raise ConfigError("data.start_method", "fork", "is unsafe once the trainer has "
+                              "initialised CUDA", "use forkserver (the default) or spawn")
+        for split in ("train", "eval"):
+            dataset, key = getattr(self, split), f"data.{split}"
+            if len(dataset) == 0:
+                raise ConfigError(key, data_cfg[split].get("_target_"), "has no samples",
+                                  f"give {key} a dataset with at least one item")
+            _check_item(dataset, key, data_cfg[split].get("_target_"))
+            if data_cfg.num_workers:
+                check_picklable(dataset, key, data_cfg[split].get("_target_"),
+                                data_cfg.start_method)
+        self._eval_loader: DataLoader | None = None
+
+    def _loader(self, dataset: Dataset, batch_sampler: Any) -> DataLoader:
+        c = self.cfg
+        return make_loader(dataset, self.seed, batch_sampler, num_workers=c.num_workers,
+                           prefetch_factor=c.prefetch_factor,
+                           persistent_workers=c.persistent_workers,
+                           start_method=c.start_method,
+                           pin_memory=c.pin_memory and self.device.type == "cuda")
+
+    def example(self, n: int = 8) -> Batch:
+        return default_collate(SeededItems(self.train, self.seed).__getitems__(
+            [(i, 0) for i in range(min(n, self.num_samples))]))
+
+    def train_feed(self, seed: int, global_batch: int, rank: int, world_size: int,
+                   micro_batch: int, start: int, end: int, device: torch.device) -> LoaderFeed:
+        # The order's index maths is cheap on the CPU, where the loader needs the keys.
+        schedule = GlobalBatchSchedule(self.num_samples, seed, global_batch, rank,
+                                       world_size, micro_batch)
+        return LoaderFeed(self._loader(self.train, StepSampler(schedule, start, end)), start,
+                          schedule.accum, device, self.cfg.num_workers)
+
+    def eval_batches(self, rank: int, world_size: int, batch_size: int,
+                     device: torch.device) -> Iterator[Batch]:
+        if self._eval_loader is None:  # kept, so persistent workers serve every evaluation
+            mine = torch.arange(len(self.eval)).tensor_split(world_size)[rank]
+            keys = [[(i, 0) for i in b.tolist()] for b in mine.split(batch_size) if len(b)]
+            self._eval_loader = self._loader(self.eval, keys)
+        # A worker that dies here is named by the train feed, which the whole loop is in.
+        for batch in self._eval_loader:
+            yield to_device(batch, device)
+
+    def describe(self) -> dict[str, Any]:
+        about = getattr(self.train, "describe", None)
+        return {"train_samples": self.num_samples, "eval_samples": len(self.eval),
+                **(about() if callable(about) else {})}
+
+    def summary(self, model: torch.nn.Module) -> dict[str, Any]:
+        summarize = getattr(self.train, "summarize", None)
+        return summarize(model) if callable(summarize) else {}
+
+
+def _check_item(dataset: Dataset, key: str, target: Any) -> None:
+    """Item 0 is an (input, target) pair: input a tensor or a dict of tensors."""
+    item = SeededItems(dataset, 0)[(0, 0)]
+    fix = "return (input, target) from __getitem__: input a tensor or a dict of tensors, " \
+          "target a tensor"
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        what = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else _shape(item)
+        raise ConfigError(key, target, f"item 0 is {what}, not an (input, target) pair", fix)
+    inputs, y = item
+    tensors = inputs.values() if isinstance(inputs, dict) else [inputs]
+    if not (all(torch.is_tensor(t) for t in tensors) and torch.is_tensor(y)):
+        raise ConfigError(key, target, f"item 0 is ({_shape(inputs)}, {_shape(y)})", fix)

@@ -1,0 +1,128 @@
+"""Your own task keeps every guarantee of the built-in one: for a user's Dataset, model and
+loss defined only in tests/user_task.py (plugged in with --config-dir) and for the two
+example tasks, a run equals the one-process reference run whatever the world size, the
+micro-batch split, the number of loader workers, a SIGKILL and rerun, or a resume on
+another world size."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from dgxtrain.loop.train import train
+from tests.conftest import CONF, cli_args, clean_env, kill_tree, read_metrics, run_ok
+from tests.user_task import write_config_dir
+
+pytestmark = pytest.mark.multiprocess
+
+SHORT = ["trainer.max_steps=20", "trainer.warmup_steps=2", "trainer.log_every=5",
+         "checkpoint.every_steps=10", "logger=none"]
+TASKS = {
+    "user": ["data=next_sum", "model=next_sum", "loss=next_sum", "metrics=[loss,accuracy]",
+             "trainer.global_batch_size=64", "optim.lr=3e-2"],
+}
+
+
+@pytest.fixture(scope="module")
+def user_conf(tmp_path_factory) -> Path:
+    return write_config_dir(tmp_path_factory.mktemp("user_conf"))
+
+
+def _overrides(task: str, user_conf: Path) -> list[str]:
+    return ["device=cpu", *SHORT, *TASKS[task]]
+
+
+def _config_dir(task: str, user_conf: Path) -> Path | None:
+    return user_conf if task == "user" else None
+
+
+def _in_process(run_dir: Path, task: str, user_conf: Path, extra: list[str]) -> dict:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        search = [f"hydra.searchpath=[file://{user_conf}]"] if task == "user" else []
+        cfg = compose("config", overrides=[*_overrides(task, user_conf), *extra, *search])
+    return train(cfg, run_dir)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """The train loss of each log step (a resumed run's log keeps its first attempt's)."""
+    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
+
+
+def _params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def assert_same_run(a: Path, b: Path, tol: float = 1e-5) -> None:
+    """Train losses of every log step, eval metrics and parameters within `tol`."""
+    la, lb = _losses(a), _losses(b)
+    assert list(la) == list(lb) == [5, 10, 15, 20]
+    assert all(abs(la[s] - lb[s]) <= tol * abs(lb[s]) for s in lb), (la, lb)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    evals = [k for k in sb if k.startswith("eval_")]
+    assert "eval_loss" in evals and len(evals) >= 2
+    for k in evals:
+        assert abs(sa[k] - sb[k]) <= tol * max(abs(sb[k]), 1e-3), (k, sa[k], sb[k])
+    pa, pb = _params(a), _params(b)
+    for k in pb:
+        assert ((pa[k] - pb[k]).norm() / pb[k].norm()).item() <= tol, k
+    assert lb[20] < 0.9 * lb[5]  # and it learned: not two untrained models compared
+
+
+@pytest.fixture(scope="module", params=list(TASKS))
+def reference(request, tmp_path_factory, user_conf) -> tuple[str, Path]:
+    """One process, no loader workers, no micro-batches: what every variant must equal."""
+    run_dir = tmp_path_factory.mktemp(f"ref_{request.param}")
+    _in_process(run_dir, request.param, user_conf, ["data.num_workers=0"])
+    return request.param, run_dir
+
+
+def test_two_ranks_equal_one_process(reference, user_conf, tmp_path):
+    task, ref = reference
+    s = run_ok(tmp_path, _overrides(task, user_conf), nproc=2,
+               config_dir=_config_dir(task, user_conf))
+    assert s["world_size"] == 2
+    assert_same_run(tmp_path, ref)
+
+
+def test_micro_batches_equal_one_batch(reference, user_conf, tmp_path):
+    task, ref = reference
+    s = _in_process(tmp_path, task, user_conf, ["data.num_workers=0",
+                                                "trainer.micro_batch_size=16"])
+    assert s["grad_accum_steps"] > 1
+    assert_same_run(tmp_path, ref)
+
+
+def test_loader_workers_give_the_same_bits(reference, user_conf, tmp_path):
+    task, ref = reference
+    s = _in_process(tmp_path, task, user_conf, ["data.num_workers=2"])
+    assert s["param_sha256"] == json.loads((ref / "summary.json").read_text())["param_sha256"]
+
+
+def test_sigkill_then_rerun_is_bitwise_and_resumes_on_another_world_size(reference, user_conf,
+                                                                         tmp_path):
+    task, ref = reference
+    over, config_dir = _overrides(task, user_conf), _config_dir(task, user_conf)
+    args = cli_args(tmp_path / "run", over + ["fault.step_delay_s=0.3"], config_dir=config_dir)
+    with subprocess.Popen(args, cwd=CONF.parent, env=clean_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL) as p:
+        manifest = tmp_path / "run" / "checkpoints" / "step-10" / "manifest.json"
+        deadline = time.monotonic() + 120
+        while not manifest.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kill_tree(p.pid)  # mid-run: a node lost after the step-10 checkpoint
+    assert p.returncode == -9 and not (tmp_path / "run" / "summary.json").exists()
+    shutil.copytree(tmp_path / "run", tmp_path / "wider")
+    s = run_ok(tmp_path / "run", over, config_dir=config_dir)
+    assert s["resumed_from_step"] == 10
+    assert s["param_sha256"] == json.loads((ref / "summary.json").read_text())["param_sha256"]
+    # The same checkpoint, resumed by two ranks: the same run to within rounding.
+    w = run_ok(tmp_path / "wider", over, nproc=2, config_dir=config_dir)
+    assert (w["resumed_from_step"], w["world_size"]) == (10, 2)
+    assert_same_run(tmp_path / "wider", ref)
