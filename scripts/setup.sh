@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${DGXTRAIN_VENV:-.venv}
 TORCH_VERSION=${DGXTRAIN_TORCH_VERSION:-2.13.0}
-extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+extras="[examples]"  # the example tasks' data (docs/tasks.md)
+[[ "${1:-}" == "--dev" ]] && extras="[dev,examples]"
 say() { echo "[setup] $*" >&2; }
 
 stamp="$VENV/.dgxtrain-setup"

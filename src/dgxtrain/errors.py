@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+from collections.abc import Iterator
 
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, OmegaConfBaseException,
                               ValidationError)
@@ -19,6 +21,19 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value: object, problem: str, fix: str):
         super().__init__(f"{key}={value}: {problem}; fix: {fix}")
         self.key = key
+
+
+@contextlib.contextmanager
+def constructing(group: str, node: DictConfig) -> Iterator[None]:
+    """A class that rejects the config's arguments is a config error, named as one."""
+    try:
+        yield
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"{group}._target_", node.get("_target_"),
+                          f"its constructor failed ({type(cause).__name__}: "
+                          f"{str(cause).splitlines()[0] if str(cause) else ''})",
+                          f"make the {group}.* keys match that class's arguments") from e
 
 
 class DistEnvError(RuntimeError):

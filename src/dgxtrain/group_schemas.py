@@ -81,11 +81,17 @@ class DatasetDataConfig(Checked):
     start_method: str = "forkserver"
     """How workers start: forkserver or spawn (safe with CUDA; the dataset is pickled to
     them), or fork (CPU runs only)."""
+    seed_rngs: list[str] = field(default_factory=lambda: ["torch", "numpy", "random"])
+    """The global RNGs seeded from (seed, index, pass) before each item: those the
+    dataset's randomness draws from. Each costs ~1-5 us per item; [] if it draws none."""
 
     def __post_init__(self) -> None:
         self.not_negative("num_workers")
         self.positive("prefetch_factor")
         self.one_of("start_method", "forkserver", "spawn", "fork")
+        for name in self.seed_rngs:
+            self.require("seed_rngs", name in ("torch", "numpy", "random"), f"unknown RNG "
+                         f"{name}", "list some of torch, numpy, random (or [] for none)")
 
 
 @dataclass

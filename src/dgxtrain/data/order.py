@@ -32,14 +32,20 @@ class FeistelPermutation:
         return (left << self.half) | right
 
     def __call__(self, pos: torch.Tensor, epoch: torch.Tensor) -> torch.Tensor:
+        shape, pos = pos.shape, pos.reshape(-1)
         base = stream_key(self.seed, _PERMUTATION)
+        epoch = torch.as_tensor(epoch, device=pos.device).expand(shape).reshape(-1)
         keys = [mix32(mix32(epoch ^ base) ^ r) for r in range(self.ROUNDS)]
         y = self._round_trip(pos, keys)
         # Cycle walking: a bijection of the power-of-4 domain, walked until it lands in
-        # [0, n), is a bijection of [0, n). Expected < 4 rounds; one host sync per chunk.
-        while bool((out := y >= self.n).any()):
-            y = torch.where(out, self._round_trip(y, keys), y)
-        return y
+        # [0, n), is a bijection of [0, n). Each round walks only the values still outside
+        # (a quarter of them, or fewer); one host sync per round.
+        out = (y >= self.n).nonzero().squeeze(1)
+        while len(out):
+            walked = self._round_trip(y[out], [k[out] for k in keys])
+            y[out] = walked
+            out = out[walked >= self.n]
+        return y.view(shape)
 
 
 class GlobalBatchSchedule:

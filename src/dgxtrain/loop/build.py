@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -11,15 +10,13 @@ import logging
 import os
 import platform
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from dgxtrain import __version__, checkpoint
 from dgxtrain.config import Config, RunSpec
@@ -28,7 +25,7 @@ from dgxtrain.dist import ddp
 from dgxtrain.dist.collectives import all_agree
 from dgxtrain.dist.ddp import grad_sync
 from dgxtrain.dist.env import DistEnv
-from dgxtrain.errors import ConfigError
+from dgxtrain.errors import ConfigError, constructing
 from dgxtrain.faults import Faults, Watchdog
 from dgxtrain.loop.optim import build_optimizer, build_scheduler
 from dgxtrain.observe.metrics import count_parameters, flops_per_sample
@@ -86,36 +83,23 @@ class Job:
     wrapped: torch.nn.Module | None = None  # DDP and/or compiled: the training forward
 
 
-@contextlib.contextmanager
-def _constructing(group: str, node: DictConfig) -> Iterator[None]:
-    """A class that rejects the config's arguments is a config error, named as one."""
-    try:
-        yield
-    except InstantiationException as e:
-        cause = e.__cause__ or e
-        raise ConfigError(f"{group}._target_", node.get("_target_"),
-                          f"its constructor failed ({type(cause).__name__}: "
-                          f"{str(cause).splitlines()[0] if str(cause) else ''})",
-                          f"make the {group}.* keys match that class's arguments") from e
-
-
 def build_job(cfg: Config, resolved: dict[str, Any], env: DistEnv, spec: RunSpec,
               run_dir: Path, watchdog: Watchdog) -> Job:
-    with _constructing("loss", cfg.loss):
+    with constructing("loss", cfg.loss):
         loss = TaskLoss(instantiate(cfg.loss), cfg.loss.get("_target_"))
-    with _constructing("data", cfg.data):
+    with constructing("data", cfg.data):
         task = build_task(cfg, loss, env.device)
     if task.num_samples < spec.global_batch_size:
         raise ConfigError("trainer.global_batch_size", spec.global_batch_size, f"is more than "
                           f"the {task.num_samples} training samples", "lower it to at most "
                           f"{task.num_samples}, or give more training data")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    with _constructing("model", cfg.model):
+    with constructing("model", cfg.model):
         model = task.build_model()
     # On the CPU, before any GPU work: the model takes the data, the loss the output.
     task.check(model.eval())  # eval: no BatchNorm statistics move in the check
     model = model.train().to(env.device)
-    with _constructing("optim", cfg.optim):
+    with constructing("optim", cfg.optim):
         optimizer = build_optimizer(cfg.optim, model)
     faults = Faults(cfg.fault, env.rank, run_dir)
     faults.attach(model)

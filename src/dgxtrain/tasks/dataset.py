@@ -12,9 +12,9 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dgxtrain.data.loader import (LoaderFeed, SeededItems, StepSampler, check_picklable,
-                                  make_loader, to_device)
+                                  make_loader, sample_keys, to_device)
 from dgxtrain.data.order import GlobalBatchSchedule
-from dgxtrain.errors import ConfigError
+from dgxtrain.errors import ConfigError, constructing
 from dgxtrain.tasks.base import Batch, Task
 from dgxtrain.tasks.losses import TaskLoss, _shape
 
@@ -24,8 +24,10 @@ class DatasetTask(Task):
                  metric_specs: Any, seed: int, device: torch.device):
         super().__init__(model_cfg, loss, metric_specs)
         self.cfg, self.seed, self.device = data_cfg, seed, device
-        self.train: Dataset = instantiate(data_cfg.train)
-        self.eval: Dataset = instantiate(data_cfg.eval)
+        with constructing("data.train", data_cfg.train):
+            self.train: Dataset = instantiate(data_cfg.train)
+        with constructing("data.eval", data_cfg.eval):
+            self.eval: Dataset = instantiate(data_cfg.eval)
         self.num_samples = len(self.train)
         if data_cfg.start_method == "fork" and device.type == "cuda" and data_cfg.num_workers:
             raise ConfigError("data.start_method", "fork", "is unsafe once the trainer has "
@@ -35,7 +37,7 @@ class DatasetTask(Task):
             if len(dataset) == 0:
                 raise ConfigError(key, data_cfg[split].get("_target_"), "has no samples",
                                   f"give {key} a dataset with at least one item")
-            _check_item(dataset, key, data_cfg[split].get("_target_"))
+            _check_item(dataset, key, data_cfg[split].get("_target_"), data_cfg.seed_rngs)
             if data_cfg.num_workers:
                 check_picklable(dataset, key, data_cfg[split].get("_target_"),
                                 data_cfg.start_method)
@@ -43,29 +45,29 @@ class DatasetTask(Task):
 
     def _loader(self, dataset: Dataset, batch_sampler: Any) -> DataLoader:
         c = self.cfg
-        return make_loader(dataset, self.seed, batch_sampler, num_workers=c.num_workers,
+        return make_loader(dataset, batch_sampler, num_workers=c.num_workers,
                            prefetch_factor=c.prefetch_factor,
                            persistent_workers=c.persistent_workers,
-                           start_method=c.start_method,
+                           start_method=c.start_method, seed_rngs=c.seed_rngs,
                            pin_memory=c.pin_memory and self.device.type == "cuda")
 
     def example(self, n: int = 8) -> Batch:
-        return default_collate(SeededItems(self.train, self.seed).__getitems__(
-            [(i, 0) for i in range(min(n, self.num_samples))]))
+        keys = sample_keys(self.seed, torch.arange(min(n, self.num_samples)))
+        return default_collate(SeededItems(self.train, self.cfg.seed_rngs).__getitems__(keys))
 
     def train_feed(self, seed: int, global_batch: int, rank: int, world_size: int,
                    micro_batch: int, start: int, end: int, device: torch.device) -> LoaderFeed:
         # The order's index maths is cheap on the CPU, where the loader needs the keys.
         schedule = GlobalBatchSchedule(self.num_samples, seed, global_batch, rank,
                                        world_size, micro_batch)
-        return LoaderFeed(self._loader(self.train, StepSampler(schedule, start, end)), start,
-                          schedule.accum, device, self.cfg.num_workers)
+        return LoaderFeed(self._loader(self.train, StepSampler(schedule, start, end, seed)),
+                          start, schedule.accum, device, self.cfg.num_workers)
 
     def eval_batches(self, rank: int, world_size: int, batch_size: int,
                      device: torch.device) -> Iterator[Batch]:
         if self._eval_loader is None:  # kept, so persistent workers serve every evaluation
             mine = torch.arange(len(self.eval)).tensor_split(world_size)[rank]
-            keys = [[(i, 0) for i in b.tolist()] for b in mine.split(batch_size) if len(b)]
+            keys = [sample_keys(self.seed, b) for b in mine.split(batch_size) if len(b)]
             self._eval_loader = self._loader(self.eval, keys)
         # A worker that dies here is named by the train feed, which the whole loop is in.
         for batch in self._eval_loader:
@@ -81,9 +83,9 @@ class DatasetTask(Task):
         return summarize(model) if callable(summarize) else {}
 
 
-def _check_item(dataset: Dataset, key: str, target: Any) -> None:
+def _check_item(dataset: Dataset, key: str, target: Any, rngs: Any) -> None:
     """Item 0 is an (input, target) pair: input a tensor or a dict of tensors."""
-    item = SeededItems(dataset, 0)[(0, 0)]
+    item = SeededItems(dataset, rngs)[(0, 0)]
     fix = "return (input, target) from __getitem__: input a tensor or a dict of tensors, " \
           "target a tensor"
     if not (isinstance(item, (tuple, list)) and len(item) == 2):

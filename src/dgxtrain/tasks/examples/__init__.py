@@ -1,0 +1,1 @@
+"""Example tasks on real data that every machine has offline."""

@@ -1,0 +1,140 @@
+"""Bad input to your own task is one line naming the setting and the fix, raised at start
+(before a process group or any GPU work), or, for a loader worker that dies, as the run's
+data error (exit 4)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from dgxtrain.errors import ConfigError
+from dgxtrain.loop.train import train
+from tests.conftest import compose_cfg, run_cli
+
+DIGITS = ["device=cpu", "experiment=digits", "trainer.max_steps=3", "logger=none"]
+HERE = __name__
+
+
+class Triples(Dataset):
+    def __init__(self, **digits_keys: object):  # the digits node's split, augment
+        pass
+
+    def __len__(self) -> int:
+        return 512
+
+    def __getitem__(self, i: int):
+        return torch.zeros(64), torch.tensor(0), torch.tensor(1)
+
+
+class Empty(Triples):
+    def __len__(self) -> int:
+        return 0
+
+
+class Unpicklable(Dataset):
+    """Holds a lock, as a dataset with an open connection would."""
+
+    def __init__(self, **digits_keys: object):
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return 512
+
+    def __getitem__(self, i: int):
+        return torch.zeros(64), torch.tensor(i % 10)
+
+
+class DiesInWorker(Unpicklable):
+    """A worker killed as the kernel's OOM killer would kill it."""
+
+    def __init__(self, **digits_keys: object):
+        pass
+
+    def __getitem__(self, i: int):
+        if get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
+
+
+class Column(torch.nn.Module):
+    """A regressor that returns [n, 1] for targets [n]."""
+
+    def __init__(self, in_dim: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(in_dim, 1)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+def _error(tmp_path, overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as e:
+        train(compose_cfg(overrides), tmp_path)
+    line = str(e.value)
+    assert "\n" not in line and "; fix: " in line
+    return line
+
+
+def test_an_item_that_is_not_a_pair(tmp_path):
+    line = _error(tmp_path, DIGITS + [f"data.train={{_target_:{HERE}.Triples}}"])
+    assert line.startswith(f"data.train={HERE}.Triples: item 0 is a 3-tuple, not an (input, "
+                           "target) pair")
+
+
+def test_an_input_the_model_cannot_take(tmp_path):
+    line = _error(tmp_path, DIGITS + ["model.in_dim=32"])
+    assert line.startswith("model._target_=dgxtrain.tasks.examples.digits.DigitsMLP: cannot "
+                           "take the data's input [8, 64] float32 (RuntimeError: mat1")
+
+
+def test_an_output_that_does_not_fit_the_loss(tmp_path):
+    line = _error(tmp_path, DIGITS + ["loss=mse"])
+    assert line.startswith("loss._target_=torch.nn.MSELoss: cannot take the model's output "
+                           "[8, 10] float32 and the target [8] int64")
+    # The silent case: [n, 1] against [n] would broadcast to [n, n] in MSELoss.
+    line = _error(tmp_path / "column", ["device=cpu", "model=linear", f"model._target_={HERE}"
+                                        ".Column", "logger=none"])
+    assert "output [8, 1] float32 and the target [8] float32 differ in shape" in line
+
+
+def test_a_train_set_smaller_than_one_global_batch(tmp_path):
+    line = _error(tmp_path, DIGITS + ["trainer.global_batch_size=2048"])
+    assert line.startswith("trainer.global_batch_size=2048: is more than the 1438 training "
+                           "samples; fix: lower it to at most 1438")
+
+
+def test_an_empty_eval_set(tmp_path):
+    line = _error(tmp_path, DIGITS + [f"data.eval={{_target_:{HERE}.Empty}}"])
+    assert line.startswith(f"data.eval={HERE}.Empty: has no samples")
+
+
+def test_a_dataset_that_cannot_be_pickled_for_workers(tmp_path):
+    over = DIGITS + [f"data.train={{_target_:{HERE}.Unpicklable}}"]
+    line = _error(tmp_path, over)
+    assert line.startswith(f"data.train={HERE}.Unpicklable: cannot be pickled for the loader "
+                           "workers (TypeError: cannot pickle '_thread.lock' object)")
+    assert "data.num_workers=0" in line
+    train(compose_cfg(over + ["data.num_workers=0"]), tmp_path / "no_workers")  # and then runs
+
+
+def test_a_metric_that_does_not_fit(tmp_path):
+    line = _error(tmp_path, DIGITS + ["metrics=[loss,r2]"])
+    assert line.startswith("metrics=R2: cannot take the model's output [8, 10] float32")
+    assert _error(tmp_path, DIGITS + ["metrics=[acc]"]).startswith("metrics=acc: unknown metric")
+
+
+@pytest.mark.multiprocess
+def test_a_loader_worker_that_dies_is_a_data_error(tmp_path):
+    p = run_cli(tmp_path, ["experiment=digits", f"data.train={{_target_:{HERE}.DiesInWorker}}",
+                           "logger=none"], timeout=120)
+    assert p.returncode == 4, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("dgxtrain: data error:")]
+    assert len(lines) == 1, p.stderr[-2000:]
+    assert lines[0].startswith("dgxtrain: data error: data.num_workers=2: a loader worker died "
+                               "(DataLoader worker (pid")
+    assert "fix: " in lines[0]
