@@ -65,6 +65,47 @@ def test_unfused_training_step_syncs_once_for_the_finite_check():
     assert syncs == steps, messages
 
 
+def test_loader_path_adds_no_host_sync_per_step():
+    # The digits through the loader path: pinned batches copied without blocking, the
+    # valid-target count of the cross-entropy kept on the device. Fetching is inside the
+    # checked region; the first step (lazy optimizer state, worker start) is not.
+    from omegaconf import OmegaConf
+
+    from dgxtrain.loop.build import make_autocast
+    from dgxtrain.loop.guard import UpdateGuard
+    from dgxtrain.loop.step import StepParts
+    from dgxtrain.tasks import TaskLoss
+    from dgxtrain.tasks.dataset import DatasetTask
+    from dgxtrain.tasks.examples.digits import DigitsMLP
+
+    dev = torch.device("cuda")
+    data = OmegaConf.create({
+        "train": {"_target_": "dgxtrain.tasks.examples.digits.Digits", "augment": True},
+        "eval": {"_target_": "dgxtrain.tasks.examples.digits.Digits", "split": "eval"},
+        "num_workers": 2, "prefetch_factor": 2, "pin_memory": True, "persistent_workers": True,
+        "start_method": "forkserver", "seed_rngs": ["torch"]})
+    loss = TaskLoss(torch.nn.CrossEntropyLoss(), "torch.nn.CrossEntropyLoss")
+    task = DatasetTask(OmegaConf.create({}), data, loss, ["loss", "accuracy"], 0, dev)
+    model = DigitsMLP().to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    parts = StepParts(model, task, opt, UpdateGuard("error", 5, dev), make_autocast(dev, "fp32"),
+                      1.0)
+    with task.train_feed(0, 256, 0, 1, 128, 0, 6, dev) as feed:
+        train_step(parts, feed(0), 1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for s in range(1, 6):
+                    train_step(parts, feed(s), s + 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert syncs == [], syncs
+    assert parts.guard.read().skipped == 0
+
+
 def test_cuda_fp32_follows_the_cpu_trajectory(tmp_path):
     run_ok(tmp_path / "cpu", SMALL)
     gpu = train(compose_cfg(SMALL + ["device=cuda"]), tmp_path / "gpu")

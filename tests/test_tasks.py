@@ -124,7 +124,7 @@ def test_sigkill_then_rerun_is_bitwise_and_resumes_on_another_world_size(referen
         kill_tree(p.pid)  # mid-run: a node lost after the step-10 checkpoint
     assert p.returncode == -9 and not (tmp_path / "run" / "summary.json").exists()
     shutil.copytree(tmp_path / "run", tmp_path / "wider")
-    s = run_ok(tmp_path / "run", over, config_dir=config_dir)
+    s = _in_process(tmp_path / "run", task, user_conf, [])  # the same command, rerun
     assert s["resumed_from_step"] == 10
     assert s["param_sha256"] == json.loads((ref / "summary.json").read_text())["param_sha256"]
     # The same checkpoint, resumed by two ranks: the same run to within rounding.

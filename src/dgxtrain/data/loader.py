@@ -16,7 +16,6 @@ process (num_workers=0) the RNG states are put back after each batch, so the tra
 
 from __future__ import annotations
 
-import logging
 import pickle
 import random
 from collections.abc import Iterator, Sequence
@@ -29,8 +28,6 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 from dgxtrain.data.hashing import M32, mix32, stream_key
 from dgxtrain.data.order import GlobalBatchSchedule
 from dgxtrain.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
 
 _SAMPLE_RNG = 0x5EED0005
 RNGS = ("torch", "numpy", "random")
@@ -64,8 +61,8 @@ class SeededItems(Dataset):
     def __getitems__(self, keys: Sequence[Key]) -> list[Any]:
         # DataLoader hands a whole batch of keys here. A worker's RNGs are its own; the
         # training process's are saved once per batch and put back.
-        saved = None if get_worker_info() else _states(self.rngs)
-        seeders = [_SEEDERS[name] for name in self.rngs]
+        saved = None if get_worker_info() else {n: _RNG_API[n][1]() for n in self.rngs}
+        seeders = [_RNG_API[n][0] for n in self.rngs]
         try:
             out = []
             for index, s in keys:
@@ -74,26 +71,17 @@ class SeededItems(Dataset):
                 out.append(self.dataset[index])
             return out
         finally:
-            if saved is not None:
-                _restore(saved)
+            for name, state in (saved or {}).items():
+                _RNG_API[name][2](state)
 
 
-# The CPU generator only: torch.manual_seed would also reseed CUDA's (the model's dropout).
-_SEEDERS = {"torch": torch.default_generator.manual_seed,
-            "numpy": lambda s: np.random.seed(s & 0xFFFFFFFF), "random": random.seed}
-
-
-def _states(rngs: tuple[str, ...]) -> dict[str, Any]:
-    get = {"torch": torch.get_rng_state, "numpy": np.random.get_state,
-           "random": random.getstate}
-    return {name: get[name]() for name in rngs}
-
-
-def _restore(states: dict[str, Any]) -> None:
-    put = {"torch": torch.set_rng_state, "numpy": np.random.set_state,
-           "random": random.setstate}
-    for name, state in states.items():
-        put[name](state)
+# Each RNG: seed it, get its state, put it back. The CPU generator only for torch:
+# torch.manual_seed would also reseed CUDA's, which the model's dropout draws from.
+_RNG_API = {
+    "torch": (torch.default_generator.manual_seed, torch.get_rng_state, torch.set_rng_state),
+    "numpy": (lambda s: np.random.seed(s & M32), np.random.get_state, np.random.set_state),
+    "random": (random.seed, random.getstate, random.setstate),
+}
 
 
 class StepSampler:
