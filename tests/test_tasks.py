@@ -16,17 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from torch.utils.data import default_collate
 
+from dgxtrain.data.loader import SeededItems, sample_keys
 from dgxtrain.loop.train import train
 from tests.conftest import CONF, cli_args, clean_env, kill_tree, read_metrics, run_ok
-from tests.user_task import write_config_dir
+from tests.user_task import FlatCrossEntropy, NextSum, PairModel, write_config_dir
 
 pytestmark = pytest.mark.multiprocess
 
 SHORT = ["trainer.max_steps=20", "trainer.warmup_steps=2", "trainer.log_every=5",
          "checkpoint.every_steps=10", "logger=none"]
 TASKS = {
-    "user": ["data=next_sum", "model=next_sum", "loss=next_sum", "metrics=[loss,accuracy]",
+    "user": ["data=next_sum", "model=next_sum", "loss=next_sum",
+             "metrics=[loss,accuracy,{_target_:tests.user_task.ValidTargets}]",
              "trainer.global_batch_size=64", "optim.lr=3e-2"],
     "digits": ["experiment=digits"],
     "charlm": ["experiment=charlm", "data.eval.max_eval_sequences=128"],
@@ -150,3 +153,20 @@ def test_charlm_beats_the_unigram_entropy_and_writes_a_sample(tmp_path):
     assert s["eval_bits_per_token"] < unigram - 1.0, (s["eval_bits_per_token"], unigram)
     assert s["eval_bits_per_token"] == pytest.approx(s["eval_loss"] / math.log(2))
     assert s["sample"].startswith("def ") and len(s["sample"]) > 100
+
+
+@pytest.mark.parametrize("reference", ["user"], indirect=True)
+def test_eval_counts_every_sample_once(reference):
+    """eval_loss and a metric of the user's own, recomputed from the eval set directly (the
+    2-rank run's equal them: test_two_ranks_equal_one_process)."""
+    _, ref = reference
+    model = PairModel(width=32)
+    model.load_state_dict(_params(ref))
+    items = SeededItems(NextSum(300, offset=1))
+    inputs, target = default_collate(items.__getitems__(sample_keys(0, torch.arange(300))))
+    with torch.no_grad():
+        total = FlatCrossEntropy(reduction="sum")(model(**inputs), target).item()
+    valid = (target != -100).sum().item()
+    s = json.loads((ref / "summary.json").read_text())
+    assert s["eval_valid_targets"] == valid and 300 * 3 < valid < 300 * 11
+    assert s["eval_loss"] == pytest.approx(total / valid, rel=1e-6)

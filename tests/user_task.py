@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dgxtrain.tasks.metrics import Metric
+
 VOCAB, SEQ = 16, 12
 
 
@@ -47,6 +49,18 @@ class PairModel(nn.Module):
 class FlatCrossEntropy(nn.CrossEntropyLoss):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return super().forward(logits.flatten(0, -2), target.flatten())
+
+
+class ValidTargets(Metric):
+    """A metric of the user's own: how many targets of the eval set are not padding."""
+
+    size = 1
+
+    def statistics(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (target != -100).sum().double().reshape(1)
+
+    def values(self, totals: list[float]) -> dict[str, float]:
+        return {"eval_valid_targets": totals[0]}
 
 
 def write_config_dir(root: Path) -> Path:
