@@ -66,9 +66,9 @@ def test_unfused_training_step_syncs_once_for_the_finite_check():
 
 
 def test_loader_path_adds_no_host_sync_per_step():
-    # The digits through the loader path: pinned batches copied without blocking, the
-    # valid-target count of the cross-entropy kept on the device. Fetching is inside the
-    # checked region; the first step (lazy optimizer state, worker start) is not.
+    # A token task through the loader path: pinned batches copied without blocking, the
+    # global count of valid (non-padding) targets kept on the device. Fetching is inside
+    # the checked region; the first step (lazy optimizer state, worker start) is not.
     from omegaconf import OmegaConf
 
     from dgxtrain.loop.build import make_autocast
@@ -76,17 +76,20 @@ def test_loader_path_adds_no_host_sync_per_step():
     from dgxtrain.loop.step import StepParts
     from dgxtrain.tasks import TaskLoss
     from dgxtrain.tasks.dataset import DatasetTask
-    from dgxtrain.tasks.examples.digits import DigitsMLP
+    from tests.user_task import FlatCrossEntropy, PairModel
 
     dev = torch.device("cuda")
     data = OmegaConf.create({
-        "train": {"_target_": "dgxtrain.tasks.examples.digits.Digits", "augment": True},
-        "eval": {"_target_": "dgxtrain.tasks.examples.digits.Digits", "split": "eval"},
+        "train": {"_target_": "tests.user_task.NextSum", "size": 4096},
+        "eval": {"_target_": "tests.user_task.NextSum", "size": 64, "offset": 1},
         "num_workers": 2, "prefetch_factor": 2, "pin_memory": True, "persistent_workers": True,
         "start_method": "forkserver", "seed_rngs": ["torch"]})
-    loss = TaskLoss(torch.nn.CrossEntropyLoss(), "torch.nn.CrossEntropyLoss")
+    loss = TaskLoss(FlatCrossEntropy(), "tests.user_task.FlatCrossEntropy")
     task = DatasetTask(OmegaConf.create({}), data, loss, ["loss", "accuracy"], 0, dev)
-    model = DigitsMLP().to(dev)
+    model = PairModel(width=64)
+    task.check(model)
+    assert loss.counts_vary
+    model = model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     parts = StepParts(model, task, opt, UpdateGuard("error", 5, dev), make_autocast(dev, "fp32"),
                       1.0)
