@@ -31,6 +31,13 @@ class Triples(Dataset):
         return torch.zeros(64), torch.tensor(0), torch.tensor(1)
 
 
+class Ragged(Triples):
+    """Sequences of their own length, unpadded."""
+
+    def __getitem__(self, i: int):
+        return torch.zeros(1 + i % 3), torch.tensor(0)
+
+
 class Empty(Triples):
     def __len__(self) -> int:
         return 0
@@ -106,6 +113,12 @@ def test_a_train_set_smaller_than_one_global_batch(tmp_path):
     line = _error(tmp_path, DIGITS + ["trainer.global_batch_size=2048"])
     assert line.startswith("trainer.global_batch_size=2048: is more than the 1438 training "
                            "samples; fix: lower it to at most 1438")
+
+
+def test_items_that_do_not_stack_into_a_batch(tmp_path):
+    line = _error(tmp_path, DIGITS + [f"data.train={{_target_:{HERE}.Ragged}}"])
+    assert line.startswith(f"data.train={HERE}.Ragged: its items differ in shape (([1] float32"
+                           ", [] int64), ([2] float32, [] int64)")
 
 
 def test_an_empty_eval_set(tmp_path):

@@ -84,8 +84,11 @@ class DatasetTask(Task):
 
 
 def _check_item(dataset: Dataset, key: str, target: Any, rngs: Any) -> None:
-    """Item 0 is an (input, target) pair: input a tensor or a dict of tensors."""
-    item = SeededItems(dataset, rngs)[(0, 0)]
+    """Item 0 is an (input, target) pair, input a tensor or a dict of tensors, and the first
+    items stack into a batch."""
+    keys = sample_keys(0, torch.arange(min(8, len(dataset))))
+    items = SeededItems(dataset, rngs).__getitems__(keys)
+    item = items[0]
     fix = "return (input, target) from __getitem__: input a tensor or a dict of tensors, " \
           "target a tensor"
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
@@ -95,3 +98,11 @@ def _check_item(dataset: Dataset, key: str, target: Any, rngs: Any) -> None:
     tensors = inputs.values() if isinstance(inputs, dict) else [inputs]
     if not (all(torch.is_tensor(t) for t in tensors) and torch.is_tensor(y)):
         raise ConfigError(key, target, f"item 0 is ({_shape(inputs)}, {_shape(y)})", fix)
+    try:
+        default_collate(items)
+    except RuntimeError as e:
+        shapes = ", ".join(f"({_shape(x)}, {_shape(t)})" for x, t in items[:3])
+        raise ConfigError(key, target, f"its items differ in shape ({shapes}, ...), so they do "
+                          "not stack into a batch", "pad or crop every item to one fixed "
+                          "shape in __getitem__ (padding to the longest of a batch would make "
+                          "an item depend on its batch-mates)") from e
