@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgxtrain.dist.collectives import all_agree, broadcast_object
+from dgxtrain.dist.collectives import all_agree, broadcast_object, gather_objects
 from dgxtrain.dist.env import DistEnv
 
 log = logging.getLogger(__name__)
@@ -155,20 +155,24 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _attempt(step: int, what: str, fn) -> bool:
-    try:
-        fn()
-        return True
-    except OSError as e:
-        log.error("checkpoint step-%d: %s failed for %s: %s", step, what, e.filename, e)
-        return False
-
-
 def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
-         meta: dict[str, Any], keep_last: int, before_write=None) -> bool:
+         meta: dict[str, Any], keep_last: int, before_write=None) -> str | None:
     """Collective: every rank calls it. Rank 0 writes `shared` ({file name: object}), each
-    rank its RNG state. Returns False (and keeps the previous checkpoints) on a write error.
-    Every rank reaches the same collectives whatever fails where, so nobody is left waiting."""
+    rank its RNG state. Returns None once saved, or, on a write error, what failed (the same
+    line on every rank), keeping the previous checkpoints. Every rank reaches the same
+    collectives whatever fails where, so nobody is left waiting."""
+    failed: list[str] = []
+
+    def _attempt(step: int, what: str, fn) -> bool:
+        try:
+            fn()
+            return True
+        except OSError as e:
+            failed.append(f"rank {env.rank}: {what} {e.filename or root} failed "
+                          f"({e.strerror or e})")
+            log.error("checkpoint step-%d: %s", step, failed[-1])
+            return False
+
     root = root_of(run_dir)
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
 
@@ -201,15 +205,18 @@ def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
     ok = all_agree(ok and _attempt(step, "writing", write_files), env.device)
     ok = all_agree(ok and (not env.is_main or _attempt(step, "finishing", finish)),
                    env.device)
-    if env.is_main and not ok:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if ok and env.is_main:
+    if not ok:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # Every rank learns which file failed where (they all agreed that something did).
+        return next(line for line in gather_objects(failed[0] if failed else None) if line)
+    if env.is_main:
         log.info("checkpoint saved: %s", final)
         # Deleting is slow on some file systems and may fail; neither may block training.
         pruner = threading.Thread(target=prune, args=(root, keep_last), daemon=True)
         pruner.start()
         _pruners.append(pruner)
-    return ok
+    return None
 
 
 _pruners: list[threading.Thread] = []

@@ -82,9 +82,13 @@ class CheckpointConfig(Checked):
     resume: str = "auto"
     """auto (newest complete checkpoint in the run dir), never (start fresh; older
     checkpoints are moved aside, not deleted), or a path to a step-N dir or checkpoints dir."""
+    max_failures: int = 3
+    """Periodic saves failing this many times in a row end the run (a checkpoint error).
+    A failed save for a requeue, or the final one, ends it at once."""
 
     def __post_init__(self) -> None:
         self.not_negative("every_steps")
+        self.positive("max_failures")
         self.require("keep_last", self.keep_last >= 2,
                      "fewer than 2 leaves no fallback if the newest is damaged",
                      "set checkpoint.keep_last >= 2")
@@ -158,6 +162,8 @@ class FaultConfig(Checked):
     """The model's output, hence the loss, of this step is NaN."""
     enospc_at_step: int = 0
     """Writing the checkpoint of this step fails with ENOSPC (disk full)."""
+    enospc_saves: int = 1
+    """How many saves in a row, from fault.enospc_at_step on, fail that way."""
     step_delay_s: float = 0.0
     """Every step of fault.rank takes this much longer: a straggler, and a slow job (the
     others wait for it), for preemption and deadline drills."""
@@ -166,6 +172,7 @@ class FaultConfig(Checked):
 
     def __post_init__(self) -> None:
         self.not_negative("step_delay_s")
+        self.positive("enospc_saves")
 
 
 @dataclass

@@ -36,6 +36,7 @@ class Faults:
         self.rank, self.dir = rank, run_dir / "faults"
         # On the rank it hits: the others wait for it, so the whole job is slower.
         self.step_delay_s = cfg.step_delay_s if hits_me else 0.0
+        self.enospc_saves = cfg.enospc_saves
         self._nan_now = False
 
     def attach(self, model: torch.nn.Module) -> None:
@@ -45,19 +46,25 @@ class Faults:
                 lambda module, args, out: out * math.nan if self._nan_now and module.training
                 else out)
 
-    def _fires(self, name: str, step: int) -> bool:
-        if step != self.at[name] or not step:
+    def _fires(self, name: str, step: int, times: int = 1) -> bool:
+        """At its step, once per run dir; with times > 1, at each of that many calls from
+        its step on."""
+        at = self.at[name]
+        if not at or step < at or (times == 1 and step != at):
             return False
         self.dir.mkdir(parents=True, exist_ok=True)
-        try:  # O_EXCL: exactly one firing per run dir, even with every rank racing
-            fd = os.open(self.dir / f"{name}.rank{self.rank}",
-                         os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.fsync(fd)
-        os.close(fd)
-        log.warning("fault injection: %s fires on rank %d", name, self.rank)
-        return True
+        for k in range(times):
+            marker = self.dir / (f"{name}.rank{self.rank}" + (f".{k}" if k else ""))
+            try:  # O_EXCL: exactly one firing per marker, even with every rank racing
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.fsync(fd)
+            os.close(fd)
+            log.warning("fault injection: %s fires on rank %d at step %d", name, self.rank,
+                        step)
+            return True
+        return False
 
     def before_step(self, step: int) -> None:
         """`step` is the step about to run (1-based)."""
@@ -72,7 +79,8 @@ class Faults:
         self._nan_now = self._fires("nan_at_step", step)
 
     def before_write(self, step: int, path: Path) -> None:
-        if self._fires("enospc_at_step", step):
+        # The first file of a save fails, and with it the save.
+        if self._fires("enospc_at_step", step, self.enospc_saves):
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
 
 

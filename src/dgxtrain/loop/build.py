@@ -180,7 +180,8 @@ def checkpoint_meta(job: Job) -> dict[str, Any]:
 
 
 def save_checkpoint(job: Job, step: int, train_state: dict[str, Any],
-                    tracker: NullTracker) -> bool:
+                    tracker: NullTracker) -> str | None:
+    """None once saved; else what failed, the same on every rank."""
     job.watchdog.arm(job.cfg.dist.init_timeout_s)
     return checkpoint.save(
         job.run_dir, step, job.env,

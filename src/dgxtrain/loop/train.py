@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import json
 import logging
 import os
 import socket
@@ -22,8 +23,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dgxtrain import checkpoint
-from dgxtrain.config import TrainerConfig, load
-from dgxtrain.dist.collectives import all_reduce_, gather_objects, gather_rows, process_group
+from dgxtrain.config import Config, TrainerConfig, load
+from dgxtrain.dist.collectives import (all_reduce_, broadcast_object, gather_objects,
+                                      gather_rows, process_group)
 from dgxtrain.dist.ddp import comm_wait_s
 from dgxtrain.dist.env import DistEnv, cores_per_rank, world_size_from_env
 from dgxtrain.dist.preempt import EXIT_REQUEUE, Requeue, StopRequests, control_dir, job_end_time
@@ -114,11 +116,19 @@ def _run(job: Job, run_dir: Path, stops: StopRequests) -> tuple[TrainState, dict
     """Inside the process group: resume, distribute, loop, write the outputs."""
     cfg, env = job.cfg, job.env
     hosts = gather_objects(socket.gethostname())
-    derived = describe(job, hosts)
     state = TrainState()
     saved = resume(job)
     if saved:
         state.load_state_dict({**saved["train_state"], "stop_reason": ""})
+        # Launched again once finished: nothing to train, evaluate or log (no W&B run).
+        done = broadcast_object(finished(run_dir, state.step, cfg.trainer.max_steps)
+                                if env.is_main else None)
+        if done is not None:
+            log.info("the run is already complete at step %d (%s); nothing to do: raise "
+                     "trainer.max_steps to train on", state.step, run_dir / "summary.json")
+            state.stop_reason = done.get("stop_reason", "max_steps")
+            return state, done
+    derived = describe(job, hosts)
     job.wrapped = distribute(job, hosts)
     tracker = build_tracker(cfg, env.is_main, run_dir, **run_identity(cfg, run_dir, derived))
     tracker.load_state_dict(saved.get("tracker", {}))
@@ -141,6 +151,15 @@ def _run(job: Job, run_dir: Path, stops: StopRequests) -> tuple[TrainState, dict
     return state, summary
 
 
+def finished(run_dir: Path, step: int, max_steps: int) -> dict[str, Any] | None:
+    """The summary of a run that ended at `step` (its last), if it wrote one."""
+    path = run_dir / "summary.json"
+    if step < max_steps or not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("steps") == step else None
+
+
 def run_loop(job: Job, state: TrainState, feed: Feed, tracker: NullTracker,
              stops: StopRequests, derived: dict[str, Any], hosts: list[str]) -> dict[str, Any]:
     """Step until done; log, evaluate, save and decide on schedule. Returns the summary."""
@@ -156,6 +175,7 @@ def run_loop(job: Job, state: TrainState, feed: Feed, tracker: NullTracker,
     # For the deadline: recent step times (the first, compiling one excluded), last save's.
     step_times: deque[float] = deque(maxlen=20)
     checkpoint_s = startup_s = 0.0
+    failures, saved_at = 0, first_step  # saves failed in a row; the newest good one's step
     while state.step < t.max_steps and not state.stop_reason:
         step, started = state.step + 1, time.monotonic()
         job.faults.before_step(step)
@@ -195,8 +215,10 @@ def run_loop(job: Job, state: TrainState, feed: Feed, tracker: NullTracker,
             tracker.log_metrics(step, eval_metrics(evaluate_now()))
         if cadence.saves(step) and not state.stop_reason or state.stop_reason == "requeue":
             began = time.monotonic()
-            save_checkpoint(job, step, state.state_dict(), tracker)
+            failed = save_checkpoint(job, step, state.state_dict(), tracker)
             checkpoint_s = time.monotonic() - began
+            failures = check_save(failed, failures, step, saved_at, state, cfg, tracker)
+            saved_at = saved_at if failed else step
     if stops.reason or state.stop_reason == "requeue":
         stops.consume()  # honoured (or overtaken by the end): not again in this run dir
     if state.stop_reason == "requeue":
@@ -243,6 +265,32 @@ def decide(state: TrainState, guard: Reading, stops: StopRequests, t: TrainerCon
             "stopping after step %d for a requeue: %s", state.step,
             stops.reason or "another rank asked")
         state.stop_reason = "requeue"
+
+
+def check_save(failed: str | None, failures: int, step: int, saved_at: int,
+               state: TrainState, cfg: Config, tracker: NullTracker) -> int:
+    """A failed save is never taken for a saved one: it is logged to the trackers, and it
+    ends the run where going on would lose work unseen. Returns the failures in a row."""
+    if failed is None:
+        return 0
+    failures += 1
+    tracker.log_metrics(step, {"checkpoint/failures": failures})
+    fix = ("free space or repair the storage, then rerun: it resumes from " +
+           (f"checkpoints/step-{saved_at}" if saved_at else "the start (no checkpoint yet)"))
+    if state.stop_reason == "requeue":
+        raise checkpoint.CheckpointError(f"the checkpoint for the requeue at step {step} failed ({failed})"
+                              f"; not requeued; fix: {fix}")
+    if step == cfg.trainer.max_steps:
+        raise checkpoint.CheckpointError(f"the final checkpoint at step {step} failed ({failed}); fix: "
+                              f"{fix}")
+    if failures >= cfg.checkpoint.max_failures:
+        raise checkpoint.CheckpointError(f"{failures} checkpoints in a row failed (checkpoint.max_failures"
+                              f"={cfg.checkpoint.max_failures}), the last at step {step} "
+                              f"({failed}); fix: {fix}")
+    log.warning("checkpoint at step %d failed (%d in a row; the run ends at "
+                "checkpoint.max_failures=%d); training on", step, failures,
+                cfg.checkpoint.max_failures)
+    return failures
 
 
 def eval_metrics(result: dict[str, float]) -> dict[str, float]:
