@@ -49,25 +49,29 @@ def test_checkpoint_layout_manifest_and_pruning(tmp_path):
     assert (m["step"], m["world_size"], m["global_batch_size"]) == (22, 1, 64)
     assert {"config_sha256", "dgxtrain_version", "seed", "num_samples"} <= m.keys()
     assert sorted(m["files"]) == ["model.pt", "optim.pt", "rng-rank0.pt", "state.pt"]
-    assert all(_sha256(d / f) == h for f, h in m["files"].items())
+    # Each file's size and SHA-256, hashed as it was written.
+    assert all([(d / f).stat().st_size, _sha256(d / f)] == v for f, v in m["files"].items())
     for f in m["files"]:  # plain tensors and values only
         torch.load(d / f, weights_only=True)
     assert verify(d) is None
 
 
-@pytest.mark.parametrize("damage", ["truncate", "no_manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest"])
 def test_damaged_newest_checkpoint_is_skipped_with_a_reason(tmp_path, damage):
     run(tmp_path, "trainer.max_steps=20")
     newest = tmp_path / "checkpoints" / "step-20"
+    data = (newest / "model.pt").read_bytes()
     if damage == "truncate":
-        data = (newest / "model.pt").read_bytes()
         (newest / "model.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # the same size, one byte changed
+        (newest / "model.pt").write_bytes(data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
     else:
         (newest / "manifest.json").unlink()
     s = run(tmp_path, "trainer.max_steps=25")
     assert s["resumed_from_step"] == 15
     log = (tmp_path / "train.log").read_text()
-    reason = "model.pt fails its checksum" if damage == "truncate" else "no manifest"
+    reason = {"truncate": f"model.pt has {len(data) // 2} bytes, not {len(data)}",
+              "flip": "model.pt fails its checksum", "no_manifest": "no manifest"}[damage]
     assert f"skipping checkpoint {newest}: {reason}" in log
 
 
@@ -92,7 +96,8 @@ def test_a_checkpoint_holding_an_arbitrary_object_is_refused(tmp_path):
     with open(d / "model.pt", "wb") as f:
         torch.save({"weights": Payload()}, f, pickle_module=pickle)
     m = json.loads((d / "manifest.json").read_text())
-    m["files"]["model.pt"] = _sha256(d / "model.pt")  # passes the checksum: only pickle guards
+    # It passes the size and checksum checks: only pickle guards.
+    m["files"]["model.pt"] = [(d / "model.pt").stat().st_size, _sha256(d / "model.pt")]
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="model.pt: refused to load"):
         run(tmp_path, "trainer.max_steps=10")

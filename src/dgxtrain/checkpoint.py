@@ -2,8 +2,11 @@
 
 Layout: <run dir>/checkpoints/step-<N>/ holding model.pt, optim.pt, state.pt (rank 0),
 rng-rank<r>.pt (every rank) and manifest.json. Files are written into .tmp-step-<N>/ and
-fsynced; the manifest, with every file's SHA-256, is written last; then the directory is
-renamed into place. A directory without a valid manifest is never resumed from.
+fsynced, each hashed as it is written; the manifest lists the files that must be there (rank
+0's and every rank's RNG state, as the ranks reported them, not as a directory listing on a
+shared file system shows them) with their sizes and SHA-256, and is written last; the
+directory is fsynced, then renamed into place. A directory without a valid manifest is
+never resumed from.
 Everything is tensors and plain values, loaded with torch.load(weights_only=True).
 """
 
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_REPLACED = ".replaced"  # step-N.replaced: the old step-N while a new one takes its place
 
 
 class CheckpointError(RuntimeError):
@@ -42,7 +46,7 @@ def root_of(run_dir: Path) -> Path:
 
 
 def _step(d: Path) -> int:
-    m = _STEP_DIR.match(d.name)
+    m = _STEP_DIR.match(d.name.removesuffix(_REPLACED))
     return int(m.group(1)) if m else -1
 
 
@@ -62,12 +66,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, obj: Any) -> None:
-    """torch.save, flushed to the disk before returning."""
+class _Hashing:
+    """A file that hashes what is written to it: the checksum costs no read-back."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_file(path: Path, obj: Any) -> list[Any]:
+    """torch.save, flushed to the disk before returning; [size, sha256] of what it wrote."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        out = _Hashing(f)
+        torch.save(obj, out)
         f.flush()
         os.fsync(f.fileno())
+    return [out.size, out.sha.hexdigest()]
 
 
 def load_file(path: Path, device: torch.device | str = "cpu") -> Any:
@@ -83,26 +104,37 @@ def manifest(d: Path) -> dict[str, Any]:
     return json.loads((d / MANIFEST).read_text())
 
 
-def verify(d: Path) -> str | None:
-    """Why `d` is not a complete checkpoint, or None if it is."""
+def verify(d: Path, checksums: bool = True) -> str | None:
+    """Why `d` is not a complete checkpoint, or None if it is: every file its manifest
+    lists is there at its size (and, with `checksums`, has its SHA-256)."""
     try:
         files = manifest(d)["files"]
     except FileNotFoundError:
         return "no manifest (the save did not finish)"
     except (ValueError, KeyError, OSError) as e:
         return f"unreadable manifest ({e})"
-    for name, digest in files.items():
+    for name, entry in files.items():
+        # [size, sha256]; manifests before sizes were recorded hold the sha256 alone.
+        size, digest = entry if isinstance(entry, list) else (None, entry)
         if not (d / name).is_file():
             return f"{name} is missing"
-        if _sha256(d / name) != digest:
+        if size is not None and (d / name).stat().st_size != size:
+            return f"{name} has {(d / name).stat().st_size} bytes, not {size}"
+        if checksums and _sha256(d / name) != digest:
             return f"{name} fails its checksum"
     return None
 
 
+def _candidates(root: Path) -> list[Path]:
+    """step-N dirs, newest first; a step-N.replaced (a save that died while replacing
+    step-N) comes right after its step-N."""
+    dirs = [d for d in root.glob("step-*") if _step(d) >= 0]
+    return sorted(dirs, key=lambda d: (_step(d), not d.name.endswith(_REPLACED)), reverse=True)
+
+
 def find_latest(root: Path) -> Path | None:
     """The newest complete checkpoint under `root`; damaged ones are skipped, loudly."""
-    dirs = sorted((d for d in root.glob("step-*") if _step(d) >= 0), key=_step, reverse=True)
-    for d in dirs:
+    for d in _candidates(root):
         reason = verify(d)
         if reason is None:
             return d
@@ -111,28 +143,38 @@ def find_latest(root: Path) -> Path | None:
 
 
 def choose(setting: str, run_dir: Path, env: DistEnv) -> Path | None:
-    """Rank 0 picks the checkpoint to resume from; every rank gets the same answer."""
-    choice: str | None = None
+    """Rank 0 picks the checkpoint to resume from; every rank gets the same answer, or
+    raises the same error."""
+    answer: tuple[str, str | None] = ("ok", None)
     if env.is_main:
-        root = root_of(run_dir)
-        if setting == "never":
-            if any(root.glob("step-*")):
-                aside = root.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}")
-                root.rename(aside)  # starting fresh must not destroy what was saved
-                log.warning("checkpoint.resume=never: moved old checkpoints to %s", aside)
-        elif setting == "auto":
-            found = find_latest(root) if root.is_dir() else None
-            choice = str(found) if found else None
-        else:
-            path = Path(setting)
-            found = path if _step(path) >= 0 else find_latest(path)
-            reason = verify(found) if found else "no complete checkpoint in it"
-            if reason:
-                raise CheckpointError(f"checkpoint.resume={setting}: {reason}; fix: give a "
-                                      "step-N dir with a manifest, or checkpoint.resume=auto")
-            choice = str(found)
-    choice = broadcast_object(choice)
-    return Path(choice) if choice else None
+        try:
+            answer = ("ok", _choose(setting, run_dir))
+        except CheckpointError as e:
+            answer = ("error", str(e))
+    kind, value = broadcast_object(answer)
+    if kind == "error":
+        raise CheckpointError(value)
+    return Path(value) if value else None
+
+
+def _choose(setting: str, run_dir: Path) -> str | None:
+    root = root_of(run_dir)
+    if setting == "never":
+        if any(root.glob("step-*")):
+            aside = root.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            root.rename(aside)  # starting fresh must not destroy what was saved
+            log.warning("checkpoint.resume=never: moved old checkpoints to %s", aside)
+        return None
+    if setting == "auto":
+        found = find_latest(root) if root.is_dir() else None
+        return str(found) if found else None
+    path = Path(setting)
+    found = path if _step(path) >= 0 else find_latest(path)
+    reason = verify(found) if found else "no complete checkpoint in it"
+    if reason:
+        raise CheckpointError(f"checkpoint.resume={setting}: {reason}; fix: give a step-N dir "
+                              "with a manifest, or checkpoint.resume=auto")
+    return str(found)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -160,21 +202,24 @@ def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
     """Collective: every rank calls it. Rank 0 writes `shared` ({file name: object}), each
     rank its RNG state. Returns None once saved, or, on a write error, what failed (the same
     line on every rank), keeping the previous checkpoints. Every rank reaches the same
-    collectives whatever fails where, so nobody is left waiting."""
-    failed: list[str] = []
+    collectives whatever fails where, so nobody is left waiting; an error that is not the
+    storage's (a bug) is raised on every rank."""
+    root = root_of(run_dir)
+    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    failed: list[tuple[str, bool]] = []  # (what failed, whether it is the storage's fault)
+    written: dict[str, list[Any]] = {}
 
-    def _attempt(step: int, what: str, fn) -> bool:
+    def attempt(what: str, fn) -> bool:
         try:
             fn()
             return True
         except OSError as e:
-            failed.append(f"rank {env.rank}: {what} {e.filename or root} failed "
-                          f"({e.strerror or e})")
-            log.error("checkpoint step-%d: %s", step, failed[-1])
-            return False
-
-    root = root_of(run_dir)
-    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+            failed.append((f"rank {env.rank}: {what} {e.filename or root} failed "
+                           f"({e.strerror or e})", True))
+        except Exception as e:
+            failed.append((f"rank {env.rank}: {what} failed ({type(e).__name__}: {e})", False))
+        log.error("checkpoint step-%d: %s", step, failed[-1][0])
+        return False
 
     def make_tmp() -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way, earlier
@@ -187,29 +232,36 @@ def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
         for name, obj in files.items():
             if before_write:
                 before_write(step, tmp / name)
-            write_file(tmp / name, obj)
+            written[name] = write_file(tmp / name, obj)
 
-    def finish() -> None:
-        names = sorted(p.name for p in tmp.iterdir())
-        body = {**meta, "step": step, "files": {n: _sha256(tmp / n) for n in names}}
+    def finish(files: dict[str, list[Any]]) -> None:
+        expected = set(shared) | {f"rng-rank{r}.pt" for r in range(env.world_size)}
+        if expected - files.keys():
+            raise OSError(f"no report of {', '.join(sorted(expected - files.keys()))}")
+        body = {**meta, "step": step, "files": dict(sorted(files.items()))}
         with open(tmp / MANIFEST, "w") as f:  # last: it marks the checkpoint complete
             json.dump(body, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():  # a fresh run re-reaching a step: replace, never mix
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+        _fsync_dir(tmp)  # the files' names too, before the directory is published
+        _publish(tmp, final)
 
-    ok = all_agree(not env.is_main or _attempt(step, "creating", make_tmp), env.device)
-    ok = all_agree(ok and _attempt(step, "writing", write_files), env.device)
-    ok = all_agree(ok and (not env.is_main or _attempt(step, "finishing", finish)),
+    ok = all_agree(not env.is_main or attempt("creating", make_tmp), env.device)
+    ok = all_agree(ok and attempt("writing", write_files), env.device)
+    # Every rank's files, as each wrote them: nothing is listed or read back on rank 0.
+    reports = gather_objects(written if ok else {})
+    merged = {name: v for r in reports for name, v in r.items()}
+    ok = all_agree(ok and (not env.is_main or attempt("finishing", lambda: finish(merged))),
                    env.device)
     if not ok:
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         # Every rank learns which file failed where (they all agreed that something did).
-        return next(line for line in gather_objects(failed[0] if failed else None) if line)
+        line, storage = next(f for f in gather_objects(failed[0] if failed else None) if f)
+        if not storage:
+            raise CheckpointError(f"checkpoint step-{step}: {line}; fix: save only tensors "
+                                  "and plain values (a bug: report it)")
+        return line
     if env.is_main:
         log.info("checkpoint saved: %s", final)
         # Deleting is slow on some file systems and may fail; neither may block training.
@@ -217,6 +269,24 @@ def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
         pruner.start()
         _pruners.append(pruner)
     return None
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """tmp renamed to final. A final already there (a fresh run re-reaching a step) is
+    renamed aside first and put back if the rename fails: at no moment is neither whole,
+    and a save that dies in between leaves step-N.replaced, which find_latest still reads."""
+    aside = final.with_name(final.name + _REPLACED)
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if aside.exists() and not final.exists():
+            os.rename(aside, final)
+        raise
+    _fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 _pruners: list[threading.Thread] = []
@@ -229,9 +299,11 @@ def finish_pruning() -> None:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (and older debris)."""
-    dirs = sorted((d for d in root.glob("step-*") if _step(d) >= 0), key=_step, reverse=True)
-    complete = [d for d in dirs if (d / MANIFEST).is_file()]
+    """Delete all but the newest `keep_last` complete checkpoints (and older debris). Only
+    checkpoints whose files are all there at their sizes count as complete."""
+    dirs = _candidates(root)
+    complete = [d for d in dirs if not d.name.endswith(_REPLACED)
+                and verify(d, checksums=False) is None]
     if len(complete) < keep_last:
         return
     oldest_kept = _step(complete[keep_last - 1])
