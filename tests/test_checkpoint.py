@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dgxtrain.checkpoint import CheckpointError, _sha256, verify
+from dgxtrain.dist.preempt import StopRequests
 from dgxtrain.loop.train import train
 from tests.conftest import compose_cfg, read_metrics
 
@@ -148,7 +149,33 @@ def test_nan_in_skip_mode_is_skipped_and_counted(tmp_path):
     assert again["skipped_steps"] == 1
 
 
+def test_two_non_finite_steps_in_a_row_name_the_first_and_count_right(tmp_path):
+    # Steps 8 and 9 NaN, read at the decision step 10: error mode names 8 and ends at 7.
+    over = ["trainer.max_steps=20", "trainer.log_every=10", "fault.nan_at_step=8",
+            "fault.nan_steps=2"]
+    with pytest.raises(FloatingPointError, match="at step 8, update not applied"):
+        run(tmp_path / "error", *over)
+    s = json.loads((tmp_path / "error" / "summary.json").read_text())
+    assert (s["steps"], s["samples_seen"], s["stop_reason"]) == (7, 7 * 64, "non_finite")
+    s = run(tmp_path / "skip", *over, "trainer.nonfinite=skip")
+    assert (s["steps"], s["samples_seen"], s["skipped_steps"]) == (20, 20 * 64, 2)
+
+
 def test_too_many_consecutive_skips_abort(tmp_path):
     with pytest.raises(FloatingPointError, match=r"3 non-finite steps in a row"):
         run(tmp_path, "trainer.max_steps=20", "trainer.nonfinite=skip",
             "trainer.max_skipped=3", "optim=sgd", "optim.lr=1e12", "trainer.grad_clip=0")
+
+
+def test_a_restarted_run_budgets_the_deadline_with_the_measured_save_time(tmp_path,
+                                                                          monkeypatch):
+    run(tmp_path, "trainer.max_steps=10")  # saves at 5 and 10
+    saved = torch.load(tmp_path / "checkpoints" / "step-10" / "state.pt", weights_only=True)
+    measured = saved["train_state"]["checkpoint_s"]
+    assert measured > 0  # step 5's save, measured before step 10's was written
+    budgets = []
+    real_poll = StopRequests.poll
+    monkeypatch.setattr(StopRequests, "poll", lambda self, step_s, checkpoint_s:
+                        budgets.append(checkpoint_s) or real_poll(self, step_s, checkpoint_s))
+    run(tmp_path, "trainer.max_steps=12")
+    assert budgets[0] == measured  # not 0 after the restart

@@ -5,10 +5,12 @@ import hashlib
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from dgxtrain.observe.metrics import StepMeter, flops_per_sample, param_sha256
 from dgxtrain.tasks.regression import LinearRegressor, MLPRegressor
+from dgxtrain.observe.peak import peak_tflops
 from dgxtrain.observe.perf import seconds_since_launch
 
 
@@ -48,3 +50,14 @@ def test_seconds_since_launch(monkeypatch):
     # scripts/launch.sh's stamp wins: set-up before it is not start-up.
     monkeypatch.setenv("DGXTRAIN_LAUNCH_TIME", f"{time.time() - 5:.6f}")
     assert 5 <= seconds_since_launch() < 6
+
+
+@pytest.mark.parametrize("name, precision, peak", [("NVIDIA B200", "bf16", 2250.0),
+                                                    ("NVIDIA H200", "bf16", 989.4),
+                                                    ("NVIDIA B200", "fp32", 75.0)])
+def test_dgx_gpus_have_their_data_sheet_peak(monkeypatch, name, precision, peak):
+    # The sbatch header names DGX A100/H100/H200/B200: each has a data-sheet MFU baseline.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    value, source = peak_tflops(torch.device("cuda", 0), precision)
+    assert (value, source) == (peak, f"{name.split()[1]} {precision} data sheet")

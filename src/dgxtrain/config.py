@@ -160,6 +160,8 @@ class FaultConfig(Checked):
     """The process stops making progress at this step."""
     nan_at_step: int = 0
     """The model's output, hence the loss, of this step is NaN."""
+    nan_steps: int = 1
+    """How many steps in a row, from fault.nan_at_step on, are NaN."""
     enospc_at_step: int = 0
     """Writing the checkpoint of this step fails with ENOSPC (disk full)."""
     enospc_saves: int = 1
@@ -172,7 +174,7 @@ class FaultConfig(Checked):
 
     def __post_init__(self) -> None:
         self.not_negative("step_delay_s")
-        self.positive("enospc_saves")
+        self.positive("enospc_saves", "nan_steps")
 
 
 @dataclass

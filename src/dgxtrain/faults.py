@@ -36,7 +36,7 @@ class Faults:
         self.rank, self.dir = rank, run_dir / "faults"
         # On the rank it hits: the others wait for it, so the whole job is slower.
         self.step_delay_s = cfg.step_delay_s if hits_me else 0.0
-        self.enospc_saves = cfg.enospc_saves
+        self.enospc_saves, self.nan_steps = cfg.enospc_saves, cfg.nan_steps
         self._nan_now = False
 
     def attach(self, model: torch.nn.Module) -> None:
@@ -76,7 +76,7 @@ class Faults:
         if self._fires("hang_at_step", step):
             while True:  # stuck like a rank in a dead collective
                 time.sleep(3600)
-        self._nan_now = self._fires("nan_at_step", step)
+        self._nan_now = self._fires("nan_at_step", step, self.nan_steps)
 
     def before_write(self, step: int, path: Path) -> None:
         # The first file of a save fails, and with it the save.

@@ -53,6 +53,7 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_skips: int = 0
     stop_reason: str = ""
+    checkpoint_s: float = 0.0  # the last save's measured time, for the deadline's budget
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,7 +175,8 @@ def run_loop(job: Job, state: TrainState, feed: Feed, tracker: NullTracker,
                                      job.autocast)
     # For the deadline: recent step times (the first, compiling one excluded), last save's.
     step_times: deque[float] = deque(maxlen=20)
-    checkpoint_s = startup_s = 0.0
+    # A restarted run budgets the deadline with the save time measured before the restart.
+    checkpoint_s, startup_s = state.checkpoint_s, 0.0
     failures, saved_at = 0, first_step  # saves failed in a row; the newest good one's step
     while state.step < t.max_steps and not state.stop_reason:
         step, started = state.step + 1, time.monotonic()
@@ -216,7 +218,7 @@ def run_loop(job: Job, state: TrainState, feed: Feed, tracker: NullTracker,
         if cadence.saves(step) and not state.stop_reason or state.stop_reason == "requeue":
             began = time.monotonic()
             failed = save_checkpoint(job, step, state.state_dict(), tracker)
-            checkpoint_s = time.monotonic() - began
+            checkpoint_s = state.checkpoint_s = time.monotonic() - began
             failures = check_save(failed, failures, step, saved_at, state, cfg, tracker)
             saved_at = saved_at if failed else step
     if stops.reason or state.stop_reason == "requeue":

@@ -7,11 +7,14 @@ import time
 
 import torch
 
-# Dense TFLOP/s per GPU from NVIDIA's data sheets, SXM parts as in DGX systems.
+# Dense TFLOP/s per GPU from NVIDIA's data sheets, SXM parts as in DGX systems. The B200's
+# are the HGX B200 data sheet's per-GPU figures (BF16 4.5 and TF32 2.2 PFLOP/s with 2:4
+# sparsity, so half that dense; FP32 75 TFLOP/s).
 PEAK_TFLOPS = {
     "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
     "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
     "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "B200": {"bf16": 2250.0, "tf32": 1100.0, "fp32": 75.0},
 }
 
 
