@@ -115,8 +115,12 @@ class DistConfig(Checked):
     gradient_as_bucket_view: bool = True
     """Gradients are views into DDP's buckets: saves a copy each way and their memory."""
     static_graph: bool = True
-    """The model uses the same parameters every step (true for the built-in models): DDP
-    skips per-step bookkeeping. Set false for a model whose used parameters vary."""
+    """The set of parameters the model uses is the same every step (true for the built-in
+    models; parameters never used are fine): DDP skips per-step bookkeeping. Off by itself
+    with gradient accumulation or compile, and with find_unused_parameters."""
+    find_unused_parameters: bool = False
+    """The model leaves some parameters unused on some steps (a branch, a skipped layer):
+    DDP then looks for them after every forward, which costs a graph traversal per step."""
 
     def __post_init__(self) -> None:
         self.positive("timeout_s", "init_timeout_s", "bucket_cap_mb")
@@ -313,6 +317,12 @@ def load(cfg: DictConfig, world_size: int, cuda_available: bool) -> tuple[Config
     typed = {name: OmegaConf.to_object(cfg[name]) for name in SECTIONS}
     config = Config(seed=cfg.seed, device=cfg.device, model=cfg.model, data=cfg.data,
                     loss=cfg.loss, metrics=cfg.metrics, optim=cfg.optim, **typed)
+    # Measured on torch 2.13: compiled DDP's reducer then all-reduces undefined gradients.
+    config.dist.require("find_unused_parameters", not (config.dist.find_unused_parameters
+                                                       and config.trainer.compile),
+                        "torch.compile's DDP cannot leave parameters unused in a step",
+                        "set trainer.compile=false for a model whose used parameters change "
+                        "between steps")
     config.require("device", config.device != "cuda" or cuda_available,
                    "no CUDA GPU is visible (torch.cuda.is_available() is False)",
                    "use device=auto or device=cpu, or run on a GPU node")

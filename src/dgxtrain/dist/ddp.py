@@ -28,10 +28,12 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: DistConfig, hosts: list[str]
          uses_no_sync: bool) -> DDP:
     """DDP with the knobs of `dist` (see config.DistConfig) and its gradient hook.
     `uses_no_sync`: gradient accumulation or the compile probe will call no_sync()."""
-    # DDP's static graph breaks on a backward under no_sync() (an internal assert).
-    static_graph = cfg.static_graph and not uses_no_sync
+    # DDP's static graph breaks on a backward under no_sync() (an internal assert), and it
+    # assumes the used parameters never change.
+    static_graph = cfg.static_graph and not uses_no_sync and not cfg.find_unused_parameters
     ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
               bucket_cap_mb=cfg.bucket_cap_mb,
+              find_unused_parameters=cfg.find_unused_parameters,
               # Gradients live in the buckets: no copy into them, no copy out.
               gradient_as_bucket_view=cfg.gradient_as_bucket_view,
               # The graph is the same every step: DDP stops re-checking which parameters
@@ -52,6 +54,18 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: DistConfig, hosts: list[str]
              "static_graph=%s", hook, cfg.bucket_cap_mb, cfg.gradient_as_bucket_view,
              static_graph)
     return ddp
+
+
+def unused_parameters(e: BaseException) -> ConfigError | None:
+    """DDP's error for a step that left parameters without a gradient, as one line."""
+    text = str(e)
+    if not (isinstance(e, RuntimeError) and
+            "Expected to have finished reduction in the prior iteration" in text):
+        return None
+    return ConfigError("dist.find_unused_parameters", False, "the model left parameters "
+                       "without a gradient in a step (DDP: " + text.splitlines()[0][:90] +
+                       "...)", "set dist.find_unused_parameters=true for a model whose used "
+                       "parameters change between steps")
 
 
 def choose_hook(name: str, env: DistEnv, model: torch.nn.Module, hosts: list[str]) -> str:

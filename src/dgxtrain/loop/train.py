@@ -26,6 +26,7 @@ from dgxtrain import checkpoint
 from dgxtrain.config import Config, TrainerConfig, load
 from dgxtrain.dist.collectives import (all_reduce_, broadcast_object, gather_objects,
                                       gather_rows, process_group)
+from dgxtrain.dist import ddp
 from dgxtrain.dist.ddp import comm_wait_s
 from dgxtrain.dist.env import DistEnv, cores_per_rank, world_size_from_env
 from dgxtrain.dist.preempt import EXIT_REQUEUE, Requeue, StopRequests, control_dir, job_end_time
@@ -143,7 +144,13 @@ def _run(job: Job, run_dir: Path, stops: StopRequests) -> tuple[TrainState, dict
     with job.task.train_feed(cfg.seed, job.spec.global_batch_size, env.rank, env.world_size,
                              job.spec.micro_batch_size, state.step, cfg.trainer.max_steps,
                              env.device) as feed:
-        summary = run_loop(job, state, feed, tracker, stops, derived, hosts)
+        try:
+            summary = run_loop(job, state, feed, tracker, stops, derived, hosts)
+        except RuntimeError as e:
+            named = ddp.unused_parameters(e)  # a model with a branch some steps skip
+            if named is None:
+                raise
+            raise named from e
     if state.stop_reason == "requeue":  # not the end of the run: no final outputs yet
         tracker.finish(summary, exit_code=EXIT_REQUEUE)
         return state, summary
