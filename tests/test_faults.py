@@ -130,3 +130,15 @@ def test_disk_full_on_one_rank_skips_that_checkpoint_on_all(tmp_path):
                                  "fault.rank=1", "checkpoint.keep_last=3"], nproc=2)
     assert s["steps"] == 30
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-10", "step-30"]
+
+
+def test_each_rank_logs_to_a_file_of_its_own(tmp_path):
+    # Appends from many nodes to one file on a shared file system interleave: rank 0 writes
+    # train.log, rank 1 its warnings (here: a skipped non-finite step) to logs/rank1.log.
+    run_ok(tmp_path, ["experiment=smoke", "logger=none", "trainer.nonfinite=skip",
+                      "fault.nan_at_step=3", "fault.rank=1"], nproc=2)
+    main = (tmp_path / "train.log").read_text().splitlines()
+    other = (tmp_path / "logs" / "rank1.log").read_text().splitlines()
+    assert main and all("[rank0]" in ln for ln in main)
+    assert other and all("[rank1]" in ln for ln in other)
+    assert any("non-finite step" in ln for ln in other)

@@ -35,7 +35,9 @@ class ConsoleHandler(logging.StreamHandler):
 def setup_logging(rank: int, run_dir: Path | None = None) -> None:
     """(Re)configure the `dgxtrain` loggers for this rank; idempotent across Hydra jobs.
 
-    Every rank appends to run_dir/train.log, so a warning from rank 5 is there too.
+    Rank 0 writes run_dir/train.log, every other rank run_dir/logs/rank<r>.log (created at
+    its first warning): appends from many nodes to one file on a shared file system would
+    interleave, or overwrite each other.
     """
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
@@ -47,8 +49,9 @@ def setup_logging(rank: int, run_dir: Path | None = None) -> None:
     logger.propagate = False
     handlers: list[logging.Handler] = [ConsoleHandler()]
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
+        path = run_dir / "train.log" if rank == 0 else run_dir / "logs" / f"rank{rank}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path, delay=True))
     for h in handlers:
         h.setFormatter(fmt)
         logger.addHandler(h)
