@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from dgxtrain.loop.build import make_autocast
 from dgxtrain.loop.guard import Reading, UpdateGuard
+from dgxtrain.loop.optim import skips_on_device
 from dgxtrain.loop.step import StepParts, train_step
 from dgxtrain.tasks import TaskLoss
 from dgxtrain.tasks.regression import RegressionTask
@@ -132,3 +133,24 @@ def test_clipping_is_that_of_clip_grad_norm(fused):
         moved = [(p - q).abs().max().item() for p, q in zip(parts.model.parameters(),
                                                            _params(ref))]
         assert max(moved) < 1e-6, (clip, moved)
+
+
+def test_the_found_inf_protocol_is_proven_before_it_is_trusted():
+    # found_inf is GradScaler's private protocol: fused AdamW and SGD honour it on this
+    # torch; an optimizer that claims it but ignores it gets the host's decision instead.
+    for fused in (torch.optim.AdamW, torch.optim.SGD):
+        assert skips_on_device(fused([torch.nn.Parameter(torch.ones(2))], lr=0.1, fused=True))
+    assert not skips_on_device(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1))
+
+    class Pretends(torch.optim.SGD):
+        _step_supports_amp_scaling = True  # and then applies every update regardless
+
+    parts, schedule = make_parts(fused=False, mode="skip")
+    parts.optimizer = Pretends(parts.model.parameters(), lr=0.01)
+    nan = _poison_output(parts.model)
+    train_step(parts, schedule(0), 1)
+    assert parts.guard.on_device is False
+    before = _params(parts.model)
+    nan[0] = True
+    train_step(parts, schedule(1), 2)
+    assert _same(before, _params(parts.model))  # skipped all the same

@@ -118,9 +118,14 @@ def distribute(job: Job, hosts: list[str]) -> torch.nn.Module:
         wrapped = ddp.wrap(wrapped, env, job.cfg.dist, hosts,
                            uses_no_sync=job.spec.grad_accum_steps > 1 or job.cfg.trainer.compile)
         # DDP times forward, backward and the gradient all-reduce on sampled iterations:
-        # once per log interval, for the comm-wait and straggler metrics.
-        wrapped._set_ddp_runtime_logging_sample_rate(
-            job.cfg.trainer.log_every * job.spec.grad_accum_steps)
+        # once per log interval, for the comm-wait and straggler metrics. A private API:
+        # without it, comm_wait_s reads 0 (ddp.comm_wait_s) and the log says so.
+        sample = getattr(wrapped, "_set_ddp_runtime_logging_sample_rate", None)
+        if sample is not None and hasattr(wrapped, "_get_ddp_logging_data"):
+            sample(job.cfg.trainer.log_every * job.spec.grad_accum_steps)
+        else:
+            log.info("this torch's DDP has no runtime logging: perf/comm_wait_s holds only "
+                     "the wait at the start of log steps")
     if job.cfg.trainer.compile:
         example = to_device(job.task.example(job.spec.micro_batch_size)[0], env.device)
         wrapped = compile_or_eager(wrapped, job.task, example, job.autocast, env.device)

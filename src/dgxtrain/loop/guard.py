@@ -7,11 +7,14 @@ on the device, so a step costs no host read; the loop reads them on decision ste
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
 
-from dgxtrain.loop.optim import step_unless
+from dgxtrain.loop.optim import skips_on_device, step_unless
+
+log = logging.getLogger(__name__)
 
 
 class Reading(NamedTuple):
@@ -30,6 +33,7 @@ class UpdateGuard:
         self.halt_on_first = mode == "error"
         self.max_skipped = max_skipped
         self.counts = torch.tensor([skipped, streak, 0], dtype=torch.int64, device=device)
+        self.on_device: bool | None = None  # proven at the first update (optim.py)
 
     def update(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor,
                step: int) -> None:
@@ -40,7 +44,13 @@ class UpdateGuard:
         streak = torch.where(live, (streak + 1) * bad, streak)
         halt = bad if self.halt_on_first else live & (streak >= self.max_skipped)
         self.counts = torch.stack([skipped + bad, streak, halted_at + halt * step])
-        step_unless(optimizer, bad | ~live | halt)
+        if self.on_device is None:
+            self.on_device = skips_on_device(optimizer)
+            if getattr(optimizer, "_step_supports_amp_scaling", False) and not self.on_device:
+                log.warning("%s did not honour found_inf on this torch: the host reads each "
+                            "step's update decision instead (one sync per step)",
+                            type(optimizer).__name__)
+        step_unless(optimizer, bad | ~live | halt, self.on_device)
 
     def read(self) -> Reading:
         """The counters on the host: a device sync, for decision steps only."""

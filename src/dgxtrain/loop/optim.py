@@ -3,6 +3,7 @@ learning-rate schedule."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -29,9 +30,34 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_ste
         optimizer, lambda step: lr_factor(step, warmup_steps, max_steps, min_ratio))
 
 
-def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether this optimizer, on this torch, skips its update when given a non-zero
+    `found_inf`, and applies it when given zero. `found_inf` is GradScaler's private protocol
+    with the fused optimizers (`_step_supports_amp_scaling`): proven here, on a probe
+    parameter with the optimizer's own settings, before the loop relies on it."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    device = optimizer.param_groups[0]["params"][0].device
+    p = torch.nn.Parameter(torch.ones(4, device=device))
+    accepted = inspect.signature(type(optimizer)).parameters
+    settings = {k: optimizer.param_groups[0][k] for k in optimizer.defaults if k in accepted}
+    moved = []
+    try:
+        probe = type(optimizer)([p], **{**settings, "lr": 0.1})
+        for skip in (1.0, 0.0):
+            before = p.detach().clone()
+            p.grad = torch.ones_like(p)
+            probe.found_inf = torch.tensor(skip, device=device)
+            probe.step()
+            moved.append(not torch.equal(before, p.detach()))
+    except Exception:  # cannot be rebuilt from its settings, or refuses found_inf
+        return False
+    return moved == [False, True]
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor, on_device: bool) -> None:
     """optimizer.step() unless `skip` (0-d, on the device) is true."""
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
+    if on_device:
         # Fused Adam/AdamW/SGD take `found_inf` as from a GradScaler and apply nothing,
         # not even Adam's step count, where it is non-zero: no host read.
         optimizer.found_inf = skip.float()
