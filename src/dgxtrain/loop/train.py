@@ -287,15 +287,16 @@ def check_save(failed: str | None, failures: int, step: int, saved_at: int,
     fix = ("free space or repair the storage, then rerun: it resumes from " +
            (f"checkpoints/step-{saved_at}" if saved_at else "the start (no checkpoint yet)"))
     if state.stop_reason == "requeue":
-        raise checkpoint.CheckpointError(f"the checkpoint for the requeue at step {step} failed ({failed})"
-                              f"; not requeued; fix: {fix}")
-    if step == cfg.trainer.max_steps:
-        raise checkpoint.CheckpointError(f"the final checkpoint at step {step} failed ({failed}); fix: "
-                              f"{fix}")
-    if failures >= cfg.checkpoint.max_failures:
-        raise checkpoint.CheckpointError(f"{failures} checkpoints in a row failed (checkpoint.max_failures"
-                              f"={cfg.checkpoint.max_failures}), the last at step {step} "
-                              f"({failed}); fix: {fix}")
+        what = f"the checkpoint for the requeue at step {step} failed ({failed}); not requeued"
+    elif step == cfg.trainer.max_steps:
+        what = f"the final checkpoint at step {step} failed ({failed})"
+    elif failures >= cfg.checkpoint.max_failures:
+        what = (f"{failures} checkpoints in a row failed (checkpoint.max_failures="
+                f"{cfg.checkpoint.max_failures}), the last at step {step} ({failed})")
+    else:
+        what = ""
+    if what:
+        raise checkpoint.CheckpointError(f"{what}; fix: {fix}")
     log.warning("checkpoint at step %d failed (%d in a row; the run ends at "
                 "checkpoint.max_failures=%d); training on", step, failures,
                 cfg.checkpoint.max_failures)
