@@ -23,6 +23,11 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def first_line(e: BaseException) -> str:
+    """`TypeName: the message's first line`, for an error quoted inside one line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 @contextlib.contextmanager
 def constructing(group: str, node: DictConfig) -> Iterator[None]:
     """A class that rejects the config's arguments is a config error, named as one."""
@@ -31,8 +36,7 @@ def constructing(group: str, node: DictConfig) -> Iterator[None]:
     except InstantiationException as e:
         cause = e.__cause__ or e
         raise ConfigError(f"{group}._target_", node.get("_target_"),
-                          f"its constructor failed ({type(cause).__name__}: "
-                          f"{str(cause).splitlines()[0] if str(cause) else ''})",
+                          f"its constructor failed ({first_line(cause)})",
                           f"make the {group}.* keys match that class's arguments") from e
 
 

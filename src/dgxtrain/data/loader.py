@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 
 from dgxtrain.data.hashing import M32, mix32, stream_key
 from dgxtrain.data.order import GlobalBatchSchedule
-from dgxtrain.errors import ConfigError, DataError
+from dgxtrain.errors import ConfigError, DataError, first_line
 
 _SAMPLE_RNG = 0x5EED0005
 RNGS = ("torch", "numpy", "random")
@@ -112,7 +112,7 @@ def check_picklable(dataset: Dataset, key: str, target: Any, start_method: str) 
         pickle.dumps(dataset)
     except Exception as e:
         raise ConfigError(key, target, f"cannot be pickled for the loader workers "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                          f"({first_line(e)})",
                           "keep no open files, locks or lambdas in the dataset (open them "
                           "lazily in __getitem__), or set data.num_workers=0") from e
 

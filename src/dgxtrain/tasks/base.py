@@ -11,6 +11,8 @@ only. A task answers:
   forward(model, input)  the model's output (input is a tensor, or a dict of keyword tensors)
   loss                   the criterion (loss._target_) with the count its mean is over
   metrics()              eval metrics: each adds up per-batch statistics, reduced over ranks
+  check(model)           at start, on the CPU: the model takes the data, the loss and the
+                         metrics its output; else one line naming the setting
   describe()             values about the data, logged at start (sizes, hashes)
   summary(model)         values of the trained model itself (default: none)
 
@@ -30,8 +32,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dgxtrain.errors import ConfigError
-from dgxtrain.tasks.losses import TaskLoss, _first_line, _shape
+from dgxtrain.errors import ConfigError, first_line
+from dgxtrain.tasks.losses import TaskLoss, shape_of
 from dgxtrain.tasks.metrics import Metric, build_metrics
 
 Batch = tuple[Any, torch.Tensor]  # (input: a tensor or a dict of tensors, target)
@@ -84,8 +86,8 @@ class Task(ABC):
                 output = self.forward(model, inputs)
         except Exception as e:
             raise ConfigError("model._target_", self.model_cfg.get("_target_"),
-                              f"cannot take the data's input {_shape(inputs)} "
-                              f"({_first_line(e)})", "make the model's input size match the "
+                              f"cannot take the data's input {shape_of(inputs)} "
+                              f"({first_line(e)})", "make the model's input size match the "
                               "data's (its in_dim, say), or the data's items the model") from e
         self.loss.check(output, target)
         for metric in self._metrics:
@@ -94,12 +96,12 @@ class Task(ABC):
                 ok = stats.shape == (metric.size,)
             except Exception as e:
                 raise ConfigError("metrics", type(metric).__name__, f"cannot take the model's "
-                                  f"output {_shape(output)} and the target {_shape(target)} "
-                                  f"({_first_line(e)})", "choose metrics that fit the task "
+                                  f"output {shape_of(output)} and the target {shape_of(target)} "
+                                  f"({first_line(e)})", "choose metrics that fit the task "
                                   "(accuracy for classes, r2 for regression)") from e
             if not ok:
                 raise ConfigError("metrics", type(metric).__name__, f"statistics() returned "
-                                  f"{_shape(stats)}, not its size {metric.size}",
+                                  f"{shape_of(stats)}, not its size {metric.size}",
                                   "return a float64 vector of `size` sums")
 
     def describe(self) -> dict[str, Any]:

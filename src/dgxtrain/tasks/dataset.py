@@ -16,7 +16,7 @@ from dgxtrain.data.loader import (LoaderFeed, SeededItems, StepSampler, check_pi
 from dgxtrain.data.order import GlobalBatchSchedule
 from dgxtrain.errors import ConfigError, constructing
 from dgxtrain.tasks.base import Batch, Task
-from dgxtrain.tasks.losses import TaskLoss, _shape
+from dgxtrain.tasks.losses import TaskLoss, shape_of
 
 
 class DatasetTask(Task):
@@ -92,16 +92,16 @@ def _check_item(dataset: Dataset, key: str, target: Any, rngs: Any) -> None:
     fix = "return (input, target) from __getitem__: input a tensor or a dict of tensors, " \
           "target a tensor"
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
-        what = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else _shape(item)
+        what = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else shape_of(item)
         raise ConfigError(key, target, f"item 0 is {what}, not an (input, target) pair", fix)
     inputs, y = item
     tensors = inputs.values() if isinstance(inputs, dict) else [inputs]
     if not (all(torch.is_tensor(t) for t in tensors) and torch.is_tensor(y)):
-        raise ConfigError(key, target, f"item 0 is ({_shape(inputs)}, {_shape(y)})", fix)
+        raise ConfigError(key, target, f"item 0 is ({shape_of(inputs)}, {shape_of(y)})", fix)
     try:
         default_collate(items)
     except RuntimeError as e:
-        shapes = ", ".join(f"({_shape(x)}, {_shape(t)})" for x, t in items[:3])
+        shapes = ", ".join(f"({shape_of(x)}, {shape_of(t)})" for x, t in items[:3])
         raise ConfigError(key, target, f"its items differ in shape ({shapes}, ...), so they do "
                           "not stack into a batch", "pad or crop every item to one fixed "
                           "shape in __getitem__ (padding to the longest of a batch would make "

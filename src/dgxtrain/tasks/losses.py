@@ -16,18 +16,15 @@ from typing import Any
 
 import torch
 
-from dgxtrain.errors import ConfigError
+from dgxtrain.errors import ConfigError, first_line
 
 
-def _shape(x: Any) -> str:
+def shape_of(x: Any) -> str:
+    """`[8, 64] float32`, or `{tokens: ...}` for a dict, for one-line errors."""
     if isinstance(x, dict):
-        return "{" + ", ".join(f"{k}: {_shape(v)}" for k, v in x.items()) + "}"
+        return "{" + ", ".join(f"{k}: {shape_of(v)}" for k, v in x.items()) + "}"
     return f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')}" if torch.is_tensor(x) \
         else type(x).__name__
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 class TaskLoss:
@@ -71,9 +68,9 @@ class TaskLoss:
         fix = ("choose a loss that fits the model's output (e.g. CrossEntropyLoss for "
                "logits [B, C] and class targets [B]), or change the model's output")
         if not torch.is_tensor(output):
-            raise ConfigError("model._target_", "", f"returned {_shape(output)}, not a tensor",
+            raise ConfigError("model._target_", "", f"returned {shape_of(output)}, not a tensor",
                               "return the output tensor the loss takes from forward()")
-        what = f"the model's output {_shape(output)} and the target {_shape(target)}"
+        what = f"the model's output {shape_of(output)} and the target {shape_of(target)}"
         if target.is_floating_point() and output.shape != target.shape:
             raise ConfigError("loss._target_", self.name, f"{what} differ in shape, which an "
                               "elementwise loss would broadcast", fix + " (e.g. return [B] "
@@ -82,9 +79,9 @@ class TaskLoss:
             mean = self.mean(output, target)
         except Exception as e:
             raise ConfigError("loss._target_", self.name, f"cannot take {what} "
-                              f"({_first_line(e)})", fix) from e
+                              f"({first_line(e)})", fix) from e
         if not torch.is_tensor(mean) or mean.ndim != 0:
-            raise ConfigError("loss._target_", self.name, f"returned {_shape(mean)} for "
+            raise ConfigError("loss._target_", self.name, f"returned {shape_of(mean)} for "
                               f"{what}, not a scalar", "use a loss with reduction='mean'")
         n = self.count(target).item()
         if self.per_target and n > 0:
