@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import threading
@@ -24,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dgxtrain.dist.collectives import all_agree, broadcast_object, gather_objects
 from dgxtrain.dist.env import DistEnv
+from dgxtrain.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -175,26 +174,6 @@ def _choose(setting: str, run_dir: Path) -> str | None:
         raise CheckpointError(f"checkpoint.resume={setting}: {reason}; fix: give a step-N dir "
                               "with a manifest, or checkpoint.resume=auto")
     return str(found)
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """This rank's random generators, as tensors and plain values."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
