@@ -23,6 +23,10 @@ else
   # A readable run dir name that every rank agrees on (a SLURM job names its own).
   [[ -n ${SLURM_JOB_ID:-} ]] || export DGXTRAIN_RUN_ID=${DGXTRAIN_RUN_ID:-$(date +%Y-%m-%d_%H-%M-%S)}
 fi
+# After a SIGTERM torchrun waits this long for its workers before it kills them. They stop
+# after the step in progress and checkpoint; torchrun's own 30 s may not cover a large save.
+# Under SLURM the grace is the cluster's (GraceTime, KillWait): this only must not cut it.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 # The trainer reports its first step's time from here: set-up before this is not start-up.
 DGXTRAIN_LAUNCH_TIME=$(date +%s.%N)
 export DGXTRAIN_LAUNCH_TIME

@@ -109,6 +109,39 @@ def test_loader_path_adds_no_host_sync_per_step():
     assert parts.guard.read().skipped == 0
 
 
+def test_the_stop_vote_reads_its_sums_through_pinned_memory_without_a_sync_call():
+    # One rank, a process group of one on NCCL: the sums go the GPU path (all-reduce, copy
+    # to pinned memory, event), and the host waits only on the event of a finished sum.
+    import datetime
+    import os
+
+    import torch.distributed as tdist
+
+    from dgxtrain.dist.preempt import StopVote
+    from tests.conftest import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    tdist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda:0"),
+                             timeout=datetime.timedelta(seconds=60))
+    try:
+        vote = StopVote(torch.device("cuda"), 1)
+        assert vote.after_step(False) is False  # a first sum, in flight
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                quiet = [vote.after_step(False) for _ in range(5)]
+                stop = vote.after_step(True)  # every rank (the one) wishes: at once
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        vote.close()
+    finally:
+        tdist.destroy_process_group()
+    assert quiet == [False] * 5 and stop is True
+    assert [str(w.message) for w in caught if "synchroniz" in str(w.message)] == []
+
+
 def test_cuda_fp32_follows_the_cpu_trajectory(tmp_path):
     run_ok(tmp_path / "cpu", SMALL)
     gpu = train(compose_cfg(SMALL + ["device=cuda"]), tmp_path / "gpu")

@@ -1,15 +1,23 @@
 """Stopping early for a requeue: the handler only records, the stop file and the deadline
-are polled, and a real process stopped by SIGUSR1 resumes to the same numbers."""
+are polled, the ranks' vote stops them all after one step, and real processes stopped by
+SIGUSR1 or, through torchrun, by SIGTERM resume to the same numbers."""
 
+import datetime
+import json
 import os
+import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
 
-from dgxtrain.dist.preempt import EXIT_REQUEUE, StopRequests
-from tests.conftest import ROOT, clean_env, cli_args, run_ok
+from dgxtrain.dist.preempt import EXIT_REQUEUE, StopRequests, StopVote
+from tests.conftest import ROOT, clean_env, cli_args, free_port, run_ok
 
 SMALL = ["data.dim=16", "model.hidden_dim=32", "trainer.global_batch_size=64",
          "trainer.max_steps=120", "trainer.log_every=5", "checkpoint.every_steps=1000",
@@ -90,4 +98,71 @@ def test_sigusr1_checkpoints_exits_75_and_the_rerun_matches(tmp_path):
     assert not (run_dir / "summary.json").exists()  # not the end of the run
     resumed = run_ok(run_dir, SMALL)
     assert resumed["resumed_from_step"] == int(saved[0].name[5:])
+    assert resumed["param_sha256"] == straight["param_sha256"]
+
+
+# The step from which each of two ranks wishes to stop (a wish stays), per case.
+VOTES = {"every rank": (3, 3), "rank 0 only": (3, None), "one step apart": (3, 4),
+         "nobody": (None, None)}
+
+
+def _vote(rank: int, port: int, out: Path) -> None:
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                             world_size=2, timeout=datetime.timedelta(seconds=30))
+    stops = {}
+    for case, first in VOTES.items():
+        vote, stops[case] = StopVote(torch.device("cpu"), 2), None
+        for step in range(1, 9):
+            wish = first[rank] is not None and step >= first[rank]
+            if vote.after_step(wish):
+                stops[case] = step
+                break
+        vote.close()
+    (out / f"rank{rank}.json").write_text(json.dumps(stops))
+    tdist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_the_vote_stops_every_rank_after_the_same_step(tmp_path):
+    ctx = mp.start_processes(_vote, args=(free_port(), tmp_path), nprocs=2, join=False,
+                             start_method="spawn")
+    end = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        assert time.monotonic() < end, "the ranks disagreed and hang in the vote"
+    stops = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert stops[0] == stops[1]
+    # A wish on every rank: after that very step. On some: one step later, when the sum of
+    # the step before is read.
+    assert stops[0] == {"every rank": 3, "rank 0 only": 4, "one step apart": 4,
+                        "nobody": None}
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_torchrun_saves_the_step_in_progress_and_the_rerun_matches(tmp_path):
+    # As a preemption does it (SLURM signals the step's task, torchrun passes it on), or
+    # `kill` of a local run. Each rank gets SIGTERM: they stop after the step they were in.
+    straight = run_ok(tmp_path / "straight", SMALL, nproc=2)
+    run_dir = tmp_path / "stopped"
+    args = cli_args(run_dir, [*SMALL, "fault.step_delay_s=0.05"], nproc=2)
+    with subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          env=clean_env(DGXTRAIN_CONTROL_DIR=str(run_dir / "control")),
+                          text=True) as p:
+        end = time.monotonic() + 60
+        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < end:
+            time.sleep(0.2)
+        time.sleep(1.0)  # some steps in
+        p.send_signal(signal.SIGTERM)
+        out = p.communicate(timeout=60)[0]
+    m = re.search(r"rank0.*stopping after step (\d+) for a requeue: signal SIGTERM \(asked "
+                  r"during step (\d+)\)", out)
+    assert m, out[-3000:]
+    stopped, asked = int(m.group(1)), int(m.group(2))
+    assert 0 < stopped < 120 and stopped - asked in (0, 1), out[-3000:]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step-{stopped}"]
+    assert json.loads((run_dir / "control" / "exit.json").read_text())["status"] == "requeue"
+    assert re.search(r"the checkpoint for the requeue took [\d.]+ s; saved [\d.]+ s after "
+                     r"the signal", out)
+    assert not (run_dir / "stacks").exists()  # nothing hung: the stack dump is dropped
+    resumed = run_ok(run_dir, SMALL, nproc=2)
+    assert resumed["resumed_from_step"] == stopped
     assert resumed["param_sha256"] == straight["param_sha256"]

@@ -5,6 +5,7 @@ checkpoint.max_failures in a row; and a finished run, launched again, only says 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -21,15 +22,18 @@ def _exit_status(run_dir) -> dict:
 
 
 def test_a_requeue_whose_save_fails_is_a_checkpoint_error(tmp_path):
-    # The SLURM deadline a minute away (within the margin): stop for requeue at step 1, and
-    # that save hits a full disk. There is no checkpoint to requeue to.
+    # The SLURM deadline a minute away (within the margin): stop for requeue after step 1 or
+    # 2 (rank 0 alone asks), and that save, the first, hits a full disk. There is no
+    # checkpoint to requeue to.
     env = clean_env(DGXTRAIN_JOB_END_TIME=f"{time.time() + 60:.0f}",
                     DGXTRAIN_CONTROL_DIR=str(tmp_path / "control"))
-    p = run_cli(tmp_path, BASE + ["fault.enospc_at_step=1"], nproc=2, env=env)
+    p = run_cli(tmp_path, BASE + ["fault.enospc_at_step=1", "fault.enospc_saves=2"], nproc=2,
+                env=env)
     assert p.returncode == 1, p.stderr[-2000:]  # torchrun's code for a worker's exit 2
     status = _exit_status(tmp_path)
     assert status["status"] == "checkpoint_error", status
-    assert "step 1" in status["detail"] and "No space left on device" in status["detail"]
+    assert re.search(r"the checkpoint for the requeue at step [12] failed", status["detail"])
+    assert "No space left on device" in status["detail"]
     assert "rng-rank" in status["detail"] or "model.pt" in status["detail"]
     assert "requeue the job to continue" not in p.stderr
     assert not list((tmp_path / "checkpoints").glob("step-*"))

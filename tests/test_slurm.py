@@ -196,6 +196,76 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, reference):
     assert steps == list(range(5, 201, 5))
 
 
+def wait_for_step(run_dir: Path, out: Path, jid: str, step: int) -> None:
+    """Until the run has logged `step`: training, well past start-up."""
+    def logged() -> int:
+        try:
+            return read_metrics(run_dir)[-1]["step"]
+        except (OSError, ValueError, IndexError):  # not yet there, or a line half written
+            return 0
+
+    end = time.monotonic() + 120
+    while logged() < step:
+        if time.monotonic() > end or job(jid).get("JobState") in DONE_STATES:
+            pytest.fail(f"step {step} never came: {job(jid)}\n{log_of(out, jid)[-4000:]}")
+        time.sleep(0.5)
+
+
+def preempt(out: Path, node: str) -> str:
+    """A job in the higher partition that needs `node` whole: SLURM preempts the debug job
+    there (SIGTERM to its steps' tasks, GraceTime, then requeue)."""
+    p = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--exclusive",
+                        f"--nodelist={node}", "--time=1", f"--output={out}/urgent-%j.out",
+                        "--wrap", "sleep 1"], env=slurm_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+def assert_saved_the_step_in_progress(out: Path, jid: str, reference: Path) -> str:
+    """The job stopped after the step the SIGTERM came in (or the next), saved it, was
+    requeued once, resumed there and ended with the numbers of an uninterrupted run."""
+    info = wait_job(out, jid)
+    log = log_of(out, jid)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log[-4000:]
+    m = re.search(r"stopping after step (\d+) for a requeue: signal SIGTERM \(asked during "
+                  r"step (\d+)\)", log)
+    assert m, log[-4000:]
+    stopped, asked = int(m.group(1)), int(m.group(2))
+    assert stopped - asked in (0, 1), log[-4000:]
+    s = summary(out / f"slurm-{jid}")
+    assert s["resumed_from_step"] == stopped  # not 0: checkpoint.every_steps is 1000
+    assert s["param_sha256"] == summary(reference)["param_sha256"]
+    return log
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_a_real_preemption_saves_the_step_in_progress_and_resumes(tmp_path, reference,
+                                                                   launcher):
+    # torchrun: one node, so torchrun runs in the batch step and the relay step passes the
+    # preemption's SIGTERM on. srun: the tasks are the ranks and get it themselves.
+    jid = submit(tmp_path, ["fault.step_delay_s=0.1", "checkpoint.every_steps=1000"],
+                 ("--nodelist=node1",), DGXTRAIN_LAUNCHER=launcher)
+    wait_for_step(tmp_path / f"slurm-{jid}", tmp_path, jid, 30)
+    urgent = preempt(tmp_path, "node1")
+    log = assert_saved_the_step_in_progress(tmp_path, jid, reference)
+    # Rank 0 knew the grace from the job's new end time (GraceTime=30 on the local cluster).
+    left = float(re.search(r"(-?\d+) s left before the kill \(the SLURM job", log).group(1))
+    assert 0 < left <= 30, log[-4000:]
+    assert job(urgent)["JobState"] == "COMPLETED"
+
+
+def test_sigterm_to_the_batch_step_too_saves_and_resumes(tmp_path, reference):
+    # scancel --full signals every process of the job, srun included, which would kill the
+    # ranks it started: on one node torchrun does not run under srun.
+    jid = submit(tmp_path, ["fault.step_delay_s=0.1", "checkpoint.every_steps=1000"])
+    wait_for_step(tmp_path / f"slurm-{jid}", tmp_path, jid, 30)
+    subprocess.run(["scancel", "--signal=TERM", "--full", jid], env=slurm_env(), check=True,
+                   timeout=30)
+    log = assert_saved_the_step_in_progress(tmp_path, jid, reference)
+    assert "got SIGTERM" in log  # the batch shell's trap too
+
+
 def test_deadline_stops_for_requeue_without_a_signal(tmp_path, reference):
     # A 120 s limit less an 80 s margin leaves about 40 s, start-up included, for 200 steps
     # of 0.2 s: the first attempt cannot finish. The warning signal is moved to 5 s before

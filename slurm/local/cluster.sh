@@ -63,7 +63,13 @@ write_conf() {
       echo "NodeName=$n NodeHostname=localhost NodeAddr=127.0.0.1 Port=$port CPUs=$CPUS RealMemory=2048 Gres=gpu:$GPUS State=UNKNOWN"
       port=$((port + 1))
     done
-    echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
+    # Preemption as on a shared DGX cluster: a job in `urgent` takes the nodes of `debug`
+    # jobs, which get SIGTERM, GraceTime seconds to save, then SIGKILL, and are requeued.
+    echo "PreemptType=preempt/partition_prio"
+    echo "PreemptMode=REQUEUE"
+    local all; all=$(IFS=,; echo "${NODES[*]}")
+    echo "PartitionName=debug Nodes=$all Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4 PriorityTier=1 GraceTime=${DGXTRAIN_SLURM_GRACE_S:-30}"
+    echo "PartitionName=urgent Nodes=$all MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2 PreemptMode=OFF"
   } >"$CONF"
   # slurmd drops GPUs that have no device file: empty files stand in for /dev/nvidia*.
   mkdir -p "$STATE/dev"; for i in $(seq 0 $((GPUS - 1))); do : >"$STATE/dev/gpu$i"; done

@@ -132,13 +132,12 @@ class DistConfig(Checked):
 @dataclass
 class PreemptionConfig(Checked):
     section: ClassVar[str] = "preemption"
-    signals: list[str] = field(default_factory=lambda: ["USR1", "USR2"])
-    """Signals that ask the run to checkpoint at the next decision step and exit for
-    requeue (75). Add TERM where the scheduler sends SIGTERM with a grace period."""
+    signals: list[str] = field(default_factory=lambda: ["USR1", "USR2", "TERM"])
+    """Signals that ask the run to checkpoint after the step in progress (or the next) and
+    exit for requeue (75). TERM is how SLURM preempts and torchrun stops its workers."""
     deadline_margin_s: float = 120.0
     """Stop for requeue when the job's end time (DGXTRAIN_JOB_END_TIME, set by the batch
-    script) is nearer than the steps until the next decision step + one checkpoint (both
-    measured) + this margin."""
+    script) is nearer than two steps + one checkpoint (both measured) + this margin."""
     poll_s: float = 1.0
     """How often rank 0 looks at the stop file and the clock."""
 

@@ -1,11 +1,12 @@
 """Stopping early to be requeued: a preemption signal, a stop file, or the job's deadline.
 
-A signal handler only records the request. The loop polls once per step; every rank's
-answer is summed over ranks on the loop's decision steps (loop/cadence.py), so all ranks stop
-after the same step, write one checkpoint together and exit with EXIT_REQUEUE. The stop
-file is the way through torchrun, which forwards only some signals to its workers: the
-batch shell traps the warning signal and touches <control dir>/stop, and rank 0 sees it
-within `poll_s`.
+A signal handler only records the request. The loop polls once per step, and StopVote sums
+every rank's answer after each step, so all ranks stop after the same step, write one
+checkpoint together and exit with EXIT_REQUEUE. SIGTERM (SLURM preempts, cancels and times
+out with it; torchrun passes it on to its workers) reaches every rank: the stop follows the
+step it arrived in. The stop file is the way for a notice that reaches the batch shell only
+(the warning signal before the time limit): the shell writes <control dir>/stop, rank 0
+sees it within `poll_s`, and the others follow one step later.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import torch
+import torch.distributed as tdist
 
 from dgxtrain.dist import slurm
 from dgxtrain.files import write_json_atomic
@@ -76,6 +80,7 @@ class StopRequests:
         self.margin_s, self.poll_s = margin_s, poll_s
         self.reason = ""
         self.fired: int | None = None
+        self.fired_at: float | None = None  # epoch seconds
         self._previous: dict[int, Any] = {}
         self._next_poll = 0.0
 
@@ -92,6 +97,25 @@ class StopRequests:
         # Async-signal context: record only. The loop acts at the next step boundary.
         if not self.reason:
             self.reason, self.fired = f"signal {signal.Signals(signum).name}", signum
+            self.fired_at = time.time()
+
+    def kill_in(self, env: Mapping[str, str] = os.environ) -> tuple[float, str] | None:
+        """After the signal that fired: the seconds left before the processes are killed,
+        and who kills them, where that is known. A SLURM preemption moves the job's end time
+        to now + GraceTime; torchrun kills its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+        (default 30 s) after it got SIGTERM itself. The sooner counts."""
+        if self.fired_at is None:
+            return None
+        now, limits = time.time(), []
+        end = slurm.end_time(env["SLURM_JOB_ID"]) if env.get("SLURM_JOB_ID") else None
+        if end is not None:
+            limits.append((end - now, "the SLURM job's end time: its time limit, or the "
+                                      "grace after a preemption"))
+        if env.get("TORCHELASTIC_RUN_ID") and self.fired == signal.SIGTERM:
+            timeout = float(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 30))
+            limits.append((self.fired_at + timeout - now, "torchrun's shutdown timeout, "
+                           f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={timeout:g}"))
+        return min(limits) if limits else None
 
     def hand_over(self) -> None:
         """Now that the checkpoint is written, pass the stop on to a handler that was there
@@ -128,3 +152,61 @@ class StopRequests:
         """The request was honoured: a later run in this dir must not stop for it again."""
         if self.stop_file is not None:
             self.stop_file.unlink(missing_ok=True)
+
+
+class StopVote:
+    """Whether every rank stops after this step, agreed without a host sync on most steps.
+
+    After each step every rank adds its wish (0 or 1) to a one-number all-reduce that runs in
+    the background. All ranks stop after step s when step s-1's sum is non-zero: read one
+    step late, when it is done. They stop already after step s itself when its sum is the
+    world size, as for a SIGTERM, which reaches every rank: only a rank that wishes waits for
+    that sum, since one that does not knows it falls short. Either way every rank reads the
+    same sums and takes the same decision."""
+
+    def __init__(self, device: torch.device, world_size: int):
+        self.device, self.world_size = device, world_size
+        self._previous: _Sum | None = None
+
+    def after_step(self, wish: bool) -> bool:
+        """Cast this step's wish; True when all ranks stop after this step."""
+        now, previous = _Sum(wish, self.device), self._previous
+        self._previous = now
+        if wish and now.value() == self.world_size:
+            return True
+        return previous is not None and previous.value() > 0
+
+    def close(self) -> None:
+        """Let the last sum finish before anything else uses the process group's streams."""
+        if self._previous is not None:
+            self._previous.value()
+            self._previous = None
+
+
+class _Sum:
+    """One step's wishes, summed over the ranks in the background."""
+
+    def __init__(self, wish: bool, device: torch.device):
+        t = torch.full((1,), float(wish), device=device)  # a fill kernel: no host sync
+        self._work = tdist.all_reduce(t, async_op=True) if tdist.is_initialized() else None
+        self._value: float | None = None
+        self._done: torch.cuda.Event | None = None
+        if device.type == "cuda":
+            if self._work is not None:
+                self._work.wait()  # the copy after it waits for the sum, on the device only
+            self._host = torch.empty(1, pin_memory=True).copy_(t, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = t
+
+    def value(self) -> float:
+        if self._value is None:
+            # The host waits for this sum. Read a step late it is done, unless the host ran
+            # more than a step ahead of the device; read at once only on a rank that wishes.
+            if self._done is not None:
+                self._done.synchronize()
+            elif self._work is not None:
+                self._work.wait()
+            self._value = float(self._host.item())
+        return self._value

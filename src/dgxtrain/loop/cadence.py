@@ -6,10 +6,6 @@ from __future__ import annotations
 from dgxtrain.config import TrainerConfig
 
 
-def _next_multiple(step: int, every: int) -> int:
-    return -(-step // every) * every
-
-
 class Cadence:
     def __init__(self, t: TrainerConfig, save_every: int, first_step: int):
         self.t, self.save_every, self.first_step = t, save_every, first_step
@@ -30,11 +26,3 @@ class Cadence:
         (logs, evaluations, saves, the end), and this attempt's first step."""
         return (step == self.first_step or self.logs(step) or self.evaluates(step)
                 or self.saves(step))
-
-    def next_decision(self, step: int) -> int:
-        """The first decision step at or after `step`: where a stop asked now is honoured."""
-        if step == self.first_step:
-            return step
-        candidates = [self.t.max_steps, _next_multiple(step, self.t.log_every)]
-        candidates += [_next_multiple(step, e) for e in (self.t.eval_every, self.save_every) if e]
-        return min(candidates)

@@ -24,12 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from dgxtrain import checkpoint
 from dgxtrain.config import Config, TrainerConfig, load
-from dgxtrain.dist.collectives import (all_reduce_, broadcast_object, gather_objects,
-                                      gather_rows, process_group)
+from dgxtrain.dist.collectives import broadcast_object, gather_objects, gather_rows, process_group
 from dgxtrain.dist import ddp
 from dgxtrain.dist.ddp import comm_wait_s
 from dgxtrain.dist.env import DistEnv, cores_per_rank, world_size_from_env
-from dgxtrain.dist.preempt import EXIT_REQUEUE, Requeue, StopRequests, control_dir, job_end_time
+from dgxtrain.dist.preempt import (EXIT_REQUEUE, Requeue, StopRequests, StopVote, control_dir,
+                                   job_end_time)
 from dgxtrain.faults import Watchdog
 from dgxtrain.loop.build import Job, build_job, describe, distribute, resume, save_checkpoint
 from dgxtrain.loop.cadence import Cadence
@@ -78,7 +78,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     stops = StopRequests(p.signals, control_dir(run_dir) / "stop",
                          job_end_time(ask_slurm=env.is_main), p.deadline_margin_s, p.poll_s,
                          leader=env.is_main)
-    with Watchdog(run_dir, env.rank) as watchdog, stops:
+    with stops, Watchdog(run_dir, env.rank) as watchdog:  # this order: see Watchdog
         watchdog.arm(config.dist.init_timeout_s)
         if env.device.type == "cuda":
             torch.cuda.set_device(env.device)  # before any allocation: one context per GPU
@@ -185,22 +185,26 @@ def run_loop(job: Job, state: TrainState, feed: Feed, tracker: NullTracker,
     # A restarted run budgets the deadline with the save time measured before the restart.
     checkpoint_s, startup_s = state.checkpoint_s, 0.0
     failures, saved_at = 0, first_step  # saves failed in a row; the newest good one's step
+    vote, asked_at = StopVote(env.device, env.world_size), 0
     while state.step < t.max_steps and not state.stop_reason:
         step, started = state.step + 1, time.monotonic()
         job.faults.before_step(step)
         # The first step may compile or warm up allocators: it gets the start-up budget.
         job.watchdog.arm(cfg.dist.timeout_s if step > first_step + 1 else cfg.dist.init_timeout_s)
-        # A stop asked now is honoured at the next decision step, then saved: budget both.
-        stops.poll((cadence.next_decision(step) - step + 1) * max(step_times, default=0.0),
-                   checkpoint_s)
         # Log steps time their phases (a device sync per phase); the others do not.
         clock = PhaseClock(env.device) if cadence.logs(step) else NULL_CLOCK
         lr = job.optimizer.param_groups[0]["lr"]
         loss, grad_norm = train_step(parts, feed(state.step), step, clock)
         job.scheduler.step()
         state.step, state.samples_seen = step, state.samples_seen + batch
-        if cadence.decides(step):
-            decide(state, guard.read(), stops, t, batch, env)
+        # A stop asked now is honoured after this step or the next, then saved: budget both.
+        asked_at = asked_at or step * bool(stops.poll(2 * max(step_times, default=0.0),
+                                                      checkpoint_s))
+        stop = vote.after_step(bool(asked_at)) and step < t.max_steps
+        if cadence.decides(step) or stop:
+            decide(state, guard.read(), stop, stops, asked_at, t, batch)
+            if state.stop_reason == "requeue":
+                warn_if_grace_is_short(stops, checkpoint_s, env)
         if state.stop_reason in ("non_finite", "too_many_skips"):
             break
         if step > first_step + 1:
@@ -228,6 +232,10 @@ def run_loop(job: Job, state: TrainState, feed: Feed, tracker: NullTracker,
             checkpoint_s = state.checkpoint_s = time.monotonic() - began
             failures = check_save(failed, failures, step, saved_at, state, cfg, tracker)
             saved_at = saved_at if failed else step
+            if state.stop_reason == "requeue" and stops.fired_at:
+                log.info("the checkpoint for the requeue took %.2f s; saved %.2f s after the "
+                         "signal", checkpoint_s, time.time() - stops.fired_at)
+    vote.close()
     if stops.reason or state.stop_reason == "requeue":
         stops.consume()  # honoured (or overtaken by the end): not again in this run dir
     if state.stop_reason == "requeue":
@@ -252,10 +260,10 @@ def run_loop(job: Job, state: TrainState, feed: Feed, tracker: NullTracker,
     }
 
 
-def decide(state: TrainState, guard: Reading, stops: StopRequests, t: TrainerConfig,
-           batch: int, env: DistEnv) -> None:
+def decide(state: TrainState, guard: Reading, stop: bool, stops: StopRequests,
+           asked_at: int, t: TrainerConfig, batch: int) -> None:
     """Apply what the steps since the last decision step decided, the same on every rank:
-    the guard's counters (from the all-reduced gradients) and the ranks' stop wishes."""
+    the guard's counters (from the all-reduced gradients) and the ranks' stop vote."""
     if guard.skipped > state.skipped_steps:
         log.warning("%d non-finite step(s) up to step %d: their updates were skipped",
                     guard.skipped - state.skipped_steps, state.step)
@@ -267,13 +275,33 @@ def decide(state: TrainState, guard: Reading, stops: StopRequests, t: TrainerCon
         state.step = stand
         state.stop_reason = "non_finite" if t.nonfinite == "error" else "too_many_skips"
         return
-    wish = torch.tensor([1.0 if stops.reason else 0.0], device=env.device)
-    if all_reduce_(wish).item() and state.step < t.max_steps:
-        # The rank that asked says why; the others follow quietly.
+    if stop:
+        # A rank that asked says why; the others follow quietly.
         (log.warning if stops.reason else log.info)(
             "stopping after step %d for a requeue: %s", state.step,
-            stops.reason or "another rank asked")
+            f"{stops.reason} (asked during step {asked_at})" if stops.reason else
+            "another rank asked")
         state.stop_reason = "requeue"
+
+
+def warn_if_grace_is_short(stops: StopRequests, checkpoint_s: float, env: DistEnv) -> None:
+    """After a signal, say whether the save fits in the time left before the kill, where
+    rank 0 can know it (kill_in); the last measured save time is the estimate."""
+    left = stops.kill_in() if env.is_main else None
+    if left is None:
+        return
+    seconds, by = left
+    if checkpoint_s == 0.0:
+        log.warning("%.0f s left before the kill (%s); no save measured yet to compare",
+                    seconds, by)
+    elif seconds < checkpoint_s:
+        log.warning("the grace is too short: %.0f s left before the kill (%s), the last "
+                    "checkpoint took %.1f s; this save may be cut off. Fix: a longer grace, "
+                    "or a smaller checkpoint.every_steps so that less is lost", seconds, by,
+                    checkpoint_s)
+    else:
+        log.info("%.0f s left before the kill (%s); the last checkpoint took %.1f s",
+                 seconds, by, checkpoint_s)
 
 
 def check_save(failed: str | None, failures: int, step: int, saved_at: int,

@@ -42,6 +42,7 @@ from dgxtrain import config
 from dgxtrain.dist import ddp
 from dgxtrain.dist.collectives import all_reduce_, gather_objects, process_group
 from dgxtrain.dist.env import DistEnv, cores_per_rank, register_resolvers
+from dgxtrain.dist.preempt import StopVote
 from dgxtrain.faults import Watchdog
 from dgxtrain.loop.build import Job, build_job, distribute, make_autocast
 from dgxtrain.loop.cadence import Cadence
@@ -119,12 +120,12 @@ def feed(job: Job) -> Feed:
 
 
 class Trainer:
-    """dgxtrain's own work per step, as run_loop does it: train_step, the LR schedule, and on
-    decision steps the guard's read and the ranks' stop vote."""
+    """dgxtrain's own work per step, as run_loop does it: train_step, the LR schedule, the
+    ranks' stop vote, and on decision steps the guard's read."""
 
     def __init__(self, job: Job):
         t, env = job.cfg.trainer, job.env
-        self.job, self.wish = job, torch.zeros(1, device=env.device)
+        self.job, self.vote = job, StopVote(env.device, env.world_size)
         self.parts = StepParts(job.wrapped, job.task, job.optimizer,
                                UpdateGuard(t.nonfinite, t.max_skipped, env.device),
                                job.autocast, t.grad_clip)
@@ -134,9 +135,9 @@ class Trainer:
     def step(self, step: int, clock: PhaseClock = NULL_CLOCK) -> None:
         train_step(self.parts, self.feed(step), step + 1, clock)
         self.job.scheduler.step()
+        self.vote.after_step(False)
         if self.cadence.decides(step + 1):
             self.parts.guard.read()
-            all_reduce_(self.wish)
 
 
 def timed_steps(loop: Any, first: int, steps: int, device: torch.device) -> float:
