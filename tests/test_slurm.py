@@ -157,45 +157,6 @@ def test_one_node_matches_local_torchrun(tmp_path, reference):
     assert doctor["ok"] and len(doctor["ranks"]) == 2 and doctor["allreduce"], log[-3000:]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
-def test_two_nodes_form_one_world(tmp_path, reference, launcher):
-    # 2 nodes x 1 rank: one world of 2, the same numbers as 1 node x 2 ranks.
-    jid = submit(tmp_path, [], ("--nodes=2",), NPROC="1", DGXTRAIN_LAUNCHER=launcher)
-    info = wait_job(tmp_path, jid)
-    log = log_of(tmp_path, jid)
-    assert info["JobState"] == "COMPLETED", log[-3000:]
-    assert info["NodeList"] == "node[1-2]"
-    run_dir = tmp_path / f"slurm-{jid}"
-    s = summary(run_dir)
-    assert s["world_size"] == 2
-    assert f"launcher {launcher if launcher == 'torchrun' else 'slurm'}" in log
-    assert_same_params(run_dir, reference)
-
-
-def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, reference):
-    jid = submit(tmp_path, ["fault.step_delay_s=0.1"])  # about 20 s of steps
-    run_dir = tmp_path / f"slurm-{jid}"
-    wait_for(run_dir / "checkpoints" / "step-25", tmp_path, jid)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm_env(), check=True,
-                   timeout=30)
-    info = wait_job(tmp_path, jid)
-    log = log_of(tmp_path, jid)
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log[-4000:]
-    assert "got SIGUSR1" in log and "attempt 1" in log
-    stopped = int(re.search(r"stopping after step (\d+) for a requeue", log).group(1))
-    s = summary(run_dir)
-    assert 25 <= stopped < 200 and s["resumed_from_step"] == stopped
-    assert s["param_sha256"] == summary(reference)["param_sha256"]
-    assert_one_continuous_run(run_dir)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [run_dir.name]
-    # One W&B run (offline here) across both attempts, grouped by the job.
-    runs = [read_run(f) for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
-    assert len(runs) == 2 and len({r["id"] for r in runs}) == 1
-    assert {r["group"] for r in runs} == {f"slurm-{jid}"}
-    steps = [row["_step"] for r in runs for row in r["history"] if "train/loss" in row]
-    assert steps == list(range(5, 201, 5))
-
-
 def wait_for_step(run_dir: Path, out: Path, jid: str, step: int) -> None:
     """Until the run has logged `step`: training, well past start-up."""
     def logged() -> int:
@@ -211,7 +172,7 @@ def wait_for_step(run_dir: Path, out: Path, jid: str, step: int) -> None:
         time.sleep(0.5)
 
 
-def preempt(out: Path, node: str) -> str:
+def preempt(out: Path, node: str = "node1") -> str:
     """A job in the higher partition that needs `node` whole: SLURM preempts the debug job
     there (SIGTERM to its steps' tasks, GraceTime, then requeue)."""
     p = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--exclusive",
@@ -222,55 +183,120 @@ def preempt(out: Path, node: str) -> str:
     return p.stdout.strip()
 
 
-def assert_saved_the_step_in_progress(out: Path, jid: str, reference: Path) -> str:
-    """The job stopped after the step the SIGTERM came in (or the next), saved it, was
-    requeued once, resumed there and ended with the numbers of an uninterrupted run."""
-    info = wait_job(out, jid)
-    log = log_of(out, jid)
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log[-4000:]
+def sigterm_stop(log: str) -> int:
+    """The step the SIGTERM stop saved: the one the signal came in, or the next."""
     m = re.search(r"stopping after step (\d+) for a requeue: signal SIGTERM \(asked during "
                   r"step (\d+)\)", log)
     assert m, log[-4000:]
     stopped, asked = int(m.group(1)), int(m.group(2))
     assert stopped - asked in (0, 1), log[-4000:]
-    s = summary(out / f"slurm-{jid}")
-    assert s["resumed_from_step"] == stopped  # not 0: checkpoint.every_steps is 1000
-    assert s["param_sha256"] == summary(reference)["param_sha256"]
-    return log
+    return stopped
+
+
+def grace_left(log: str) -> float:
+    """What rank 0 said was left before the kill, from the job's end time."""
+    return float(re.search(r"(-?\d+) s left before the kill \(the SLURM job", log).group(1))
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "srun"])
-def test_a_real_preemption_saves_the_step_in_progress_and_resumes(tmp_path, reference,
-                                                                   launcher):
-    # torchrun: one node, so torchrun runs in the batch step and the relay step passes the
-    # preemption's SIGTERM on. srun: the tasks are the ranks and get it themselves.
-    jid = submit(tmp_path, ["fault.step_delay_s=0.1", "checkpoint.every_steps=1000"],
-                 ("--nodelist=node1",), DGXTRAIN_LAUNCHER=launcher)
-    wait_for_step(tmp_path / f"slurm-{jid}", tmp_path, jid, 30)
-    urgent = preempt(tmp_path, "node1")
-    log = assert_saved_the_step_in_progress(tmp_path, jid, reference)
-    # Rank 0 knew the grace from the job's new end time (GraceTime=30 on the local cluster).
-    left = float(re.search(r"(-?\d+) s left before the kill \(the SLURM job", log).group(1))
-    assert 0 < left <= 30, log[-4000:]
+def test_two_nodes_form_one_world_and_survive_a_preemption(tmp_path, reference, launcher):
+    # 2 nodes x 1 rank: one world of 2, the same numbers as 1 node x 2 ranks. A job that
+    # needs node1 preempts it: SIGTERM reaches each node's torchrun (the step's task), or
+    # with srun the ranks themselves. checkpoint.every_steps=1000: only that save is there.
+    jid = submit(tmp_path, ["fault.step_delay_s=0.03", "checkpoint.every_steps=1000"],
+                 ("--nodes=2",), NPROC="1", DGXTRAIN_LAUNCHER=launcher)
+    run_dir = tmp_path / f"slurm-{jid}"
+    wait_for_step(run_dir, tmp_path, jid, 30)
+    urgent = preempt(tmp_path)
+    info = wait_job(tmp_path, jid)
+    log = log_of(tmp_path, jid)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log[-4000:]
+    assert info["NodeList"] == "node[1-2]"
+    s = summary(run_dir)
+    assert s["world_size"] == 2 and s["resumed_from_step"] == sigterm_stop(log)
+    assert f"launcher {launcher if launcher == 'torchrun' else 'slurm'}" in log
+    assert_same_params(run_dir, reference)
+    assert 0 < grace_left(log) <= 30  # GraceTime=30 on the local cluster
     assert job(urgent)["JobState"] == "COMPLETED"
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, reference):
+    """Twice. Attempt 0 gets the warning signal in the batch shell (SIGUSR1), which reaches
+    the workers through the stop file. Attempt 1 is preempted for real: SIGTERM to the steps
+    only, which on one node the relay step passes on to torchrun's workers."""
+    jid = submit(tmp_path, ["fault.step_delay_s=0.03"], ("--nodelist=node1",))
+    run_dir = tmp_path / f"slurm-{jid}"
+    wait_for(run_dir / "checkpoints" / "step-25", tmp_path, jid)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm_env(), check=True,
+                   timeout=30)
+    end = time.monotonic() + 120
+    while "attempt 1" not in log_of(tmp_path, jid) and time.monotonic() < end:
+        info = job(jid)
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            scontrol("update", f"JobId={jid}", "StartTime=now")
+        time.sleep(1)
+    first = int(re.search(r"stopping after step (\d+) for a requeue: stop file",
+                          log_of(tmp_path, jid)).group(1))
+    wait_for_step(run_dir, tmp_path, jid, first + 15)
+    urgent = preempt(tmp_path)
+    info = wait_job(tmp_path, jid)
+    log = log_of(tmp_path, jid)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "2"), log[-4000:]
+    attempt0, later = log.split("attempt 1")
+    assert "got SIGUSR1" in attempt0 and "attempt 2" in later
+    second = sigterm_stop(later)
+    s = summary(run_dir)
+    assert 25 <= first < second < 200 and s["resumed_from_step"] == second
+    assert s["param_sha256"] == summary(reference)["param_sha256"]
+    assert 0 < grace_left(later) <= 30
+    assert job(urgent)["JobState"] == "COMPLETED"
+    assert_one_continuous_run(run_dir)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [run_dir.name]
+    # One W&B run (offline here) across the attempts, grouped by the job.
+    runs = [read_run(f) for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+    assert len(runs) == 3 and len({r["id"] for r in runs}) == 1
+    assert {r["group"] for r in runs} == {f"slurm-{jid}"}
+    steps = [row["_step"] for r in runs for row in r["history"] if "train/loss" in row]
+    assert steps == list(range(5, 201, 5))
 
 
 def test_sigterm_to_the_batch_step_too_saves_and_resumes(tmp_path, reference):
     # scancel --full signals every process of the job, srun included, which would kill the
     # ranks it started: on one node torchrun does not run under srun.
-    jid = submit(tmp_path, ["fault.step_delay_s=0.1", "checkpoint.every_steps=1000"])
-    wait_for_step(tmp_path / f"slurm-{jid}", tmp_path, jid, 30)
+    jid = submit(tmp_path, ["fault.step_delay_s=0.03", "checkpoint.every_steps=1000"])
+    run_dir = tmp_path / f"slurm-{jid}"
+    wait_for_step(run_dir, tmp_path, jid, 30)
     subprocess.run(["scancel", "--signal=TERM", "--full", jid], env=slurm_env(), check=True,
                    timeout=30)
-    log = assert_saved_the_step_in_progress(tmp_path, jid, reference)
+    info = wait_job(tmp_path, jid)
+    log = log_of(tmp_path, jid)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log[-4000:]
     assert "got SIGTERM" in log  # the batch shell's trap too
+    s = summary(run_dir)
+    assert s["resumed_from_step"] == sigterm_stop(log)
+    assert s["param_sha256"] == summary(reference)["param_sha256"]
+
+
+def test_a_cancelled_job_saves_and_stays_cancelled(tmp_path):
+    # scancel sends SIGTERM as a preemption does, and the ranks save; but the job must not
+    # requeue itself out of a cancel.
+    jid = submit(tmp_path, ["fault.step_delay_s=0.03", "checkpoint.every_steps=1000"])
+    run_dir = tmp_path / f"slurm-{jid}"
+    wait_for_step(run_dir, tmp_path, jid, 10)
+    subprocess.run(["scancel", jid], env=slurm_env(), check=True, timeout=30)
+    info = wait_job(tmp_path, jid)
+    log = log_of(tmp_path, jid)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log[-4000:]
+    assert "the job was cancelled" in log
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [
+        f"step-{sigterm_stop(log)}"]
 
 
 def test_deadline_stops_for_requeue_without_a_signal(tmp_path, reference):
-    # A 120 s limit less an 80 s margin leaves about 40 s, start-up included, for 200 steps
-    # of 0.2 s: the first attempt cannot finish. The warning signal is moved to 5 s before
+    # A 120 s limit less a 90 s margin leaves about 30 s, start-up included, for 200 steps
+    # of 0.15 s: the first attempt cannot finish. The warning signal is moved to 5 s before
     # the end (SLURM may send it up to 60 s early: still after the trainer's own stop).
-    jid = submit(tmp_path, ["fault.step_delay_s=0.2", "preemption.deadline_margin_s=80"],
+    jid = submit(tmp_path, ["fault.step_delay_s=0.15", "preemption.deadline_margin_s=90"],
                  ("--time=2", "--signal=B:USR1@5"))
     info = wait_job(tmp_path, jid, timeout=300)
     log = log_of(tmp_path, jid)

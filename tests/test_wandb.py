@@ -90,7 +90,7 @@ def test_a_crash_and_resume_continue_one_wandb_run_without_repeating_steps(tmp_p
 
 def test_an_unreachable_wandb_server_does_not_stop_training(tmp_path):
     env = clean_env(WANDB_API_KEY="0" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}")
-    p = run_cli(tmp_path, [*BASE, "logger.mode=online", "logger.init_timeout_s=10",
+    p = run_cli(tmp_path, [*BASE, "logger.mode=online", "logger.init_timeout_s=3",
                            "trainer.max_steps=20"], env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     warnings = [ln for ln in p.stderr.splitlines() if "WARNING" in ln and "W&B" in ln]

@@ -33,10 +33,9 @@ def _exit_codes() -> Iterator[None]:
     main = env_rank() == 0
     try:
         yield
-    except Requeue as e:
+    except Requeue as e:  # reported by train(), before any rank exits
         if main:
             logging.getLogger("dgxtrain").warning("%s", e)
-            preempt.report_exit("requeue", detail=str(e))
         sys.exit(preempt.EXIT_REQUEUE)
     except CheckpointError as e:
         if main:

@@ -24,12 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from dgxtrain import checkpoint
 from dgxtrain.config import Config, TrainerConfig, load
-from dgxtrain.dist.collectives import broadcast_object, gather_objects, gather_rows, process_group
+from dgxtrain.dist.collectives import (all_agree, broadcast_object, gather_objects, gather_rows,
+                                      process_group)
 from dgxtrain.dist import ddp
 from dgxtrain.dist.ddp import comm_wait_s
 from dgxtrain.dist.env import DistEnv, cores_per_rank, world_size_from_env
 from dgxtrain.dist.preempt import (EXIT_REQUEUE, Requeue, StopRequests, StopVote, control_dir,
-                                   job_end_time)
+                                   job_end_time, report_exit)
 from dgxtrain.faults import Watchdog
 from dgxtrain.loop.build import Job, build_job, describe, distribute, resume, save_checkpoint
 from dgxtrain.loop.cadence import Cadence
@@ -98,6 +99,15 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
                 job.wrapped = None
                 gc.collect()
                 checkpoint.finish_pruning()
+            if state.stop_reason == "requeue":
+                why = stops.reason or "another rank asked"
+                stopped = Requeue(f"stopped after step {state.step} with a checkpoint ({why}); "
+                                  "requeue the job to continue from there")
+                if env.is_main:
+                    report_exit("requeue", detail=str(stopped))
+                # srun ends the step once a task exits non-zero (--kill-on-bad-exit): no rank
+                # exits with 75 before rank 0 has reported it.
+                all_agree(True, env.device)
     if state.stop_reason in ("non_finite", "too_many_skips"):
         raise FloatingPointError(
             f"non-finite loss or gradient at step {state.step + 1}, update not applied; fix: "
@@ -108,9 +118,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             "trainer.grad_clip")
     if state.stop_reason == "requeue":
         stops.hand_over()
-        why = stops.reason or "another rank asked"
-        raise Requeue(f"stopped after step {state.step} with a checkpoint ({why}); requeue "
-                      "the job to continue from there")
+        raise stopped
     return summary
 
 

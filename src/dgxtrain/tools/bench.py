@@ -2,7 +2,7 @@
 tuned plain DDP loop, side by side in one run, and how close the trainer gets to the hardware.
 
 Runs as one process or under torchrun / srun (one rank per device). In one invocation:
-  - the trainer's default path (loop/step.py's train_step, the guard read and stop vote on
+  - the trainer's default path (loop/step.py's train_step, the stop vote, the guard read on
     decision steps, on the job train() builds), the same with the opt-in shared-memory
     hook (CPU ranks), and a reference loop: a plain DistributedDataParallel loop tuned as
     a user would tune it (fused optimizer, gradient_as_bucket_view, static_graph, the same
