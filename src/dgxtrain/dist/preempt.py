@@ -165,16 +165,19 @@ class StopVote:
     same sums and takes the same decision."""
 
     def __init__(self, device: torch.device, world_size: int):
-        self.device, self.world_size = device, world_size
+        self.world_size = world_size
+        # At most two sums are in flight, this step's and the one before: two buffers.
+        self._sums, self._steps = (_Sum(device), _Sum(device)), 0
         self._previous: _Sum | None = None
 
     def after_step(self, wish: bool) -> bool:
         """Cast this step's wish; True when all ranks stop after this step."""
-        now, previous = _Sum(wish, self.device), self._previous
-        self._previous = now
-        if wish and now.value() == self.world_size:
-            return True
-        return previous is not None and previous.value() > 0
+        now = self._sums[self._steps % 2]
+        self._steps += 1
+        now.start(wish)
+        before, self._previous = self._previous, now
+        late = before is not None and before.value() > 0
+        return late or wish and now.value() == self.world_size
 
     def close(self) -> None:
         """Let the last sum finish before anything else uses the process group's streams."""
@@ -186,19 +189,23 @@ class StopVote:
 class _Sum:
     """One step's wishes, summed over the ranks in the background."""
 
-    def __init__(self, wish: bool, device: torch.device):
-        t = torch.full((1,), float(wish), device=device)  # a fill kernel: no host sync
-        self._work = tdist.all_reduce(t, async_op=True) if tdist.is_initialized() else None
+    def __init__(self, device: torch.device):
+        self._t = torch.zeros(1, device=device)
+        self._cuda = device.type == "cuda"
+        self._host = torch.zeros(1, pin_memory=True) if self._cuda else self._t
+        self._done = torch.cuda.Event() if self._cuda else None
+        self._work: Any = None
         self._value: float | None = None
-        self._done: torch.cuda.Event | None = None
-        if device.type == "cuda":
+
+    def start(self, wish: bool) -> None:
+        self._t.fill_(float(wish))  # a kernel on the GPU: no host sync
+        self._work = tdist.all_reduce(self._t, async_op=True) if tdist.is_initialized() else None
+        self._value = None
+        if self._cuda:
             if self._work is not None:
                 self._work.wait()  # the copy after it waits for the sum, on the device only
-            self._host = torch.empty(1, pin_memory=True).copy_(t, non_blocking=True)
-            self._done = torch.cuda.Event()
+            self._host.copy_(self._t, non_blocking=True)
             self._done.record()
-        else:
-            self._host = t
 
     def value(self) -> float:
         if self._value is None:
