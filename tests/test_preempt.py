@@ -4,6 +4,7 @@ torchrun by SIGTERM resume to the same numbers; one process sent SIGUSR1 exits 7
 
 import datetime
 import json
+import logging
 import os
 import re
 import signal
@@ -95,6 +96,27 @@ def test_sigusr1_to_one_process_checkpoints_and_exits_75(tmp_path):
     assert len(saved) == 1 and 0 < int(saved[0][5:]) < 120, out[-3000:]
     assert f"stopped after step {saved[0][5:]} with a checkpoint (signal SIGUSR1)" in out
     assert not (run_dir / "summary.json").exists()  # not the end of the run
+
+
+def test_a_grace_shorter_than_the_last_save_is_said_with_both_times(tmp_path, monkeypatch,
+                                                                     caplog):
+    # Under torchrun, which kills its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT after SIGTERM.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with StopRequests(["TERM"], tmp_path / "stop", None, 0.0, 1.0, leader=True) as stops:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stops.poll(0.1, 0.1) == "signal SIGTERM"
+    # The trainer's own logging set-up (an in-process run earlier) stops at "dgxtrain".
+    monkeypatch.setattr(logging.getLogger("dgxtrain"), "propagate", True)
+    with caplog.at_level("INFO", logger="dgxtrain"):
+        stops.warn_if_grace_is_short(checkpoint_s=12.0)
+        stops.warn_if_grace_is_short(checkpoint_s=1.0)
+    short, fits = (r.getMessage() for r in caplog.records)
+    assert short.startswith("the grace is too short: 5 s left before the kill (torchrun's "
+                            "shutdown timeout, TORCH_ELASTIC_SHUTDOWN_TIMEOUT=5)")
+    assert "the last checkpoint took 12.0 s" in short and "checkpoint.every_steps" in short
+    assert fits.startswith("5 s left before the kill") and "took 1.0 s" in fits
 
 
 # The step from which each of two ranks wishes to stop (a wish stays), per case.

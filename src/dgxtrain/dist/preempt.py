@@ -77,6 +77,7 @@ class StopRequests:
         self.signals = [signal.Signals[f"SIG{name}"] for name in signals]
         # Only rank 0 reads the file system and the clock: the all-reduce shares its answer.
         self.stop_file, self.end_time = (stop_file, end_time) if leader else (None, None)
+        self.leader = leader
         self.margin_s, self.poll_s = margin_s, poll_s
         self.reason = ""
         self.fired: int | None = None
@@ -116,6 +117,25 @@ class StopRequests:
             limits.append((self.fired_at + timeout - now, "torchrun's shutdown timeout, "
                            f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={timeout:g}"))
         return min(limits) if limits else None
+
+    def warn_if_grace_is_short(self, checkpoint_s: float) -> None:
+        """After a signal, rank 0 says whether the save fits in the time left before the
+        kill, where it can know it (kill_in); the last measured save time is the estimate."""
+        left = self.kill_in() if self.leader else None
+        if left is None:
+            return
+        seconds, by = left
+        if checkpoint_s == 0.0:
+            log.warning("%.0f s left before the kill (%s); no save measured yet to compare",
+                        seconds, by)
+        elif seconds < checkpoint_s:
+            log.warning("the grace is too short: %.0f s left before the kill (%s), the last "
+                        "checkpoint took %.1f s; this save may be cut off. Fix: a longer "
+                        "grace, or a smaller checkpoint.every_steps so that less is lost",
+                        seconds, by, checkpoint_s)
+        else:
+            log.info("%.0f s left before the kill (%s); the last checkpoint took %.1f s",
+                     seconds, by, checkpoint_s)
 
     def hand_over(self) -> None:
         """Now that the checkpoint is written, pass the stop on to a handler that was there

@@ -206,13 +206,13 @@ def run_loop(job: Job, state: TrainState, feed: Feed, tracker: NullTracker,
         job.scheduler.step()
         state.step, state.samples_seen = step, state.samples_seen + batch
         # A stop asked now is honoured after this step or the next, then saved: budget both.
-        asked_at = asked_at or step * bool(stops.poll(2 * max(step_times, default=0.0),
-                                                      checkpoint_s))
+        if not asked_at and stops.poll(2 * max(step_times, default=0.0), checkpoint_s):
+            asked_at = step
         stop = vote.after_step(bool(asked_at)) and step < t.max_steps
         if cadence.decides(step) or stop:
             decide(state, guard.read(), stop, stops, asked_at, t, batch)
             if state.stop_reason == "requeue":
-                warn_if_grace_is_short(stops, checkpoint_s, env)
+                stops.warn_if_grace_is_short(checkpoint_s)
         if state.stop_reason in ("non_finite", "too_many_skips"):
             break
         if step > first_step + 1:
@@ -290,26 +290,6 @@ def decide(state: TrainState, guard: Reading, stop: bool, stops: StopRequests,
             f"{stops.reason} (asked during step {asked_at})" if stops.reason else
             "another rank asked")
         state.stop_reason = "requeue"
-
-
-def warn_if_grace_is_short(stops: StopRequests, checkpoint_s: float, env: DistEnv) -> None:
-    """After a signal, say whether the save fits in the time left before the kill, where
-    rank 0 can know it (kill_in); the last measured save time is the estimate."""
-    left = stops.kill_in() if env.is_main else None
-    if left is None:
-        return
-    seconds, by = left
-    if checkpoint_s == 0.0:
-        log.warning("%.0f s left before the kill (%s); no save measured yet to compare",
-                    seconds, by)
-    elif seconds < checkpoint_s:
-        log.warning("the grace is too short: %.0f s left before the kill (%s), the last "
-                    "checkpoint took %.1f s; this save may be cut off. Fix: a longer grace, "
-                    "or a smaller checkpoint.every_steps so that less is lost", seconds, by,
-                    checkpoint_s)
-    else:
-        log.info("%.0f s left before the kill (%s); the last checkpoint took %.1f s",
-                 seconds, by, checkpoint_s)
 
 
 def check_save(failed: str | None, failures: int, step: int, saved_at: int,
