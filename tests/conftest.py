@@ -51,12 +51,14 @@ def free_port() -> int:
 def cli_args(run_dir: Path, overrides: list[str], nproc: int = 1,
              torchrun_args: tuple[str, ...] = (), config_dir: Path | None = None) -> list[str]:
     """`python -m dgxtrain` (nproc=1) or `torchrun --standalone` with nproc CPU ranks; a
-    user's own `--config-dir` if given."""
+    user's own `--config-dir` if given. No tracker unless the overrides name one (the last
+    `logger=` wins): W&B's start and finish cost each run about 2 s, and its tests say
+    logger=wandb."""
     launcher = ([sys.executable, "-m", "dgxtrain"] if nproc == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc_per_node={nproc}", *torchrun_args, "-m", "dgxtrain"])
     extra = [f"--config-dir={config_dir}"] if config_dir else []
-    return launcher + extra + ["device=cpu", f"hydra.run.dir={run_dir}", *overrides]
+    return launcher + extra + ["device=cpu", "logger=none", f"hydra.run.dir={run_dir}", *overrides]
 
 
 def children(pid: int) -> list[int]:
@@ -122,3 +124,20 @@ def _no_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(k, raising=False)
     for k in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(k, raising=False)
+
+
+# A small synthetic run that trains visibly in 25 steps: test_ddp compares its ranks with one
+# process, test_comm its gradient all-reduces with each other.
+SMALL = ["data.dim=16", "model.hidden_dim=64", "data.num_samples=1000", "data.eval_samples=256",
+         "trainer.max_steps=25", "trainer.warmup_steps=3", "trainer.log_every=1",
+         "trainer.global_batch_size=64", "seed=7"]
+ADAMW = ["optim=adamw", "optim.lr=3e-3"]
+
+
+@pytest.fixture(scope="session")
+def adamw_two_ranks(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """SMALL with AdamW on 2 torchrun ranks and the default gradient all-reduce."""
+    d = tmp_path_factory.mktemp("adamw_two_ranks")
+    p = run_cli(d, SMALL + ADAMW, nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d, p

@@ -14,8 +14,7 @@ import torch
 from dgxtrain.dist import ddp
 from dgxtrain.dist.env import DistEnv, cores_per_rank
 from dgxtrain.errors import ConfigError
-from tests.conftest import clean_env, run_cli
-from tests.test_ddp import SMALL
+from tests.conftest import ADAMW, SMALL, clean_env, run_cli
 
 
 def _env(device: str = "cpu", world: int = 2) -> DistEnv:
@@ -54,25 +53,24 @@ def test_threads_per_rank_are_the_cores_it_owns(monkeypatch):
 
 
 @pytest.mark.multiprocess
-def test_shared_memory_all_reduce_gives_the_bits_of_gloo(tmp_path):
+def test_shared_memory_all_reduce_gives_the_bits_of_gloo(tmp_path, adamw_two_ranks):
     # Two ranks: each bucket is (a/2) + (b/2), in either order the same float.
-    shas = {}
-    for hook in ("shm", "allreduce"):
-        p = run_cli(tmp_path / hook, [*SMALL, "optim=adamw", f"dist.comm_hook={hook}"], nproc=2)
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert f"gradient all-reduce by {hook}" in p.stderr
-        shas[hook] = json.loads((tmp_path / hook / "summary.json").read_text())["param_sha256"]
-    assert shas["shm"] == shas["allreduce"]
+    gloo_dir, gloo = adamw_two_ranks
+    assert "gradient all-reduce by allreduce" in gloo.stderr
+    sha = json.loads((gloo_dir / "summary.json").read_text())["param_sha256"]
+    p = run_cli(tmp_path / "shm", [*SMALL, *ADAMW, "dist.comm_hook=shm"], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "gradient all-reduce by shm" in p.stderr
+    assert json.loads((tmp_path / "shm" / "summary.json").read_text())["param_sha256"] == sha
     # Nothing is left in /dev/shm: the file is unlinked as soon as every rank mapped it.
     assert not list(Path("/dev/shm").glob("dgxtrain-*"))
     # Where the shared file cannot be made, every rank falls back to gloo, with one warning.
-    p = run_cli(tmp_path / "fallback", [*SMALL, "optim=adamw", "dist.comm_hook=shm"], nproc=2,
+    p = run_cli(tmp_path / "fallback", [*SMALL, *ADAMW, "dist.comm_hook=shm"], nproc=2,
                 env=clean_env(DGXTRAIN_SHM_DIR=str(tmp_path / "missing")))
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stderr.count("shared-memory gradient all-reduce unavailable") == 1
     assert "gradient all-reduce by allreduce" in p.stderr
-    fallback = json.loads((tmp_path / "fallback" / "summary.json").read_text())["param_sha256"]
-    assert fallback == shas["allreduce"]
+    assert json.loads((tmp_path / "fallback" / "summary.json").read_text())["param_sha256"] == sha
 
 
 DECISION_SCRIPT = """

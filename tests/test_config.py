@@ -1,12 +1,17 @@
 """Every experiment composes and validates; every bad input is one line and exit 2,
 before any process group could start."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
 from dgxtrain.config import TrainerConfig, load
 from dgxtrain.errors import ConfigError
-from tests.conftest import CONF, clean_env, compose_cfg, free_port, run_cli
+from tests.conftest import CONF, ROOT, cli_args, clean_env, compose_cfg, free_port, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -67,22 +72,38 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("overrides,key,fix", BAD, ids=[" ".join(b[0]) for b in BAD])
-def test_bad_input_fails_fast_with_one_line(tmp_path, overrides, key, fix):
-    # Rank 0 of a 2-rank job whose rank 1 never comes: joining the process group would
-    # hang until the timeout, so a prompt exit proves the error came before it.
-    env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(free_port()), DGXTRAIN_RUN_ID="bad")
-    args = [o for o in overrides if not o.startswith("device=")]
-    if "device=cuda" in overrides:
-        args.append("device=cuda")
-    p = run_cli(tmp_path / "run", args, env=env, timeout=60)
-    assert p.returncode == 2, p.stderr
-    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Each BAD case as `python -m dgxtrain` run by rank 0 of a 2-rank job whose rank 1
+    never comes: joining the process group would hang until the timeout, so a prompt exit
+    proves the error came before it. One process imports the CLI and forks a child per case
+    (tests/forked_cli.py): the CLI's own exit code and output, one import of torch."""
+    root = tmp_path_factory.mktemp("bad")
+    cases = []
+    for i, (overrides, _, _) in enumerate(BAD):
+        env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(free_port()), DGXTRAIN_RUN_ID="bad")
+        args = cli_args(root / str(i), [o for o in overrides if not o.startswith("device=")])
+        args += ["device=cuda"] if "device=cuda" in overrides else []
+        cases.append({"argv": args[3:], "env": env})  # after python -m dgxtrain
+    (root / "cases.json").write_text(json.dumps(cases))
+    subprocess.run([sys.executable, "-m", "tests.forked_cli", str(root / "cases.json"),
+                    str(root / "out.json")], cwd=ROOT, env=clean_env(), check=True,
+                   timeout=60 * len(cases))
+    return root, json.loads((root / "out.json").read_text())
+
+
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[" ".join(b[0]) for b in BAD])
+def test_bad_input_fails_fast_with_one_line(bad_runs, case):
+    root, results = bad_runs
+    _, key, fix = BAD[case]
+    code, output = results[case]["code"], results[case]["output"]
+    assert code == 2, output
+    lines = [ln for ln in output.splitlines() if ln.strip()]
     assert len(lines) == 1, lines
-    assert lines[0].startswith("dgxtrain: config error: ") and "Traceback" not in p.stderr
+    assert lines[0].startswith("dgxtrain: config error: ") and "Traceback" not in output
     assert key in lines[0] and "fix:" in lines[0] and fix in lines[0], lines[0]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (root / str(case) / "metrics.jsonl").exists()
 
 
 def test_config_error_under_torchrun_is_printed_once(tmp_path):

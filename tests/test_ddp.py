@@ -1,18 +1,16 @@
 """N gloo ranks under torchrun follow the trajectory of one process with the same global
 batch: per-step losses and final parameters agree."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import losses, run_ok
+from dgxtrain.loop.train import train
+from tests.conftest import ADAMW, SMALL, compose_cfg, losses, run_ok
 
 pytestmark = pytest.mark.multiprocess
-
-SMALL = ["data.dim=16", "model.hidden_dim=64", "data.num_samples=1000", "data.eval_samples=256",
-         "trainer.max_steps=25", "trainer.warmup_steps=3", "trainer.log_every=1",
-         "trainer.global_batch_size=64", "seed=7"]
 
 
 def _params(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -33,19 +31,34 @@ def assert_same_trajectory(a: Path, b: Path, rtol: float = 1e-5) -> None:
     assert sum(la[-5:]) < 0.7 * sum(la[:5])
 
 
-@pytest.mark.parametrize("optim", ["sgd", "adamw"])
-def test_two_ranks_equal_one_process(tmp_path, optim):
-    over = SMALL + [f"optim={optim}"] + (["optim.lr=3e-3"] if optim == "adamw" else [])
-    one = run_ok(tmp_path / "one", over)
+def one_process(run_dir: Path, overrides: list[str]) -> dict:
+    """The reference, in this process: the same train() as under torchrun."""
+    return train(compose_cfg(["device=cpu", "logger=none", *overrides]), run_dir)
+
+
+@pytest.fixture(scope="module")
+def adamw_one_process(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("adamw_one")
+    one_process(d, SMALL + ADAMW)
+    return d
+
+
+def test_two_ranks_equal_one_process_with_sgd(tmp_path):
+    over = SMALL + ["optim=sgd"]
+    one = one_process(tmp_path / "one", over)
     two = run_ok(tmp_path / "two", over, nproc=2)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert (one["grad_accum_steps"], two["grad_accum_steps"]) == (1, 1)
     assert_same_trajectory(tmp_path / "two", tmp_path / "one")
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    over = SMALL + ["optim=adamw", "optim.lr=3e-3"]
-    run_ok(tmp_path / "one", over)
-    two = run_ok(tmp_path / "accum", over + ["trainer.micro_batch_size=16"], nproc=2)
+def test_two_ranks_equal_one_process_with_adamw(adamw_two_ranks, adamw_one_process):
+    two = json.loads((adamw_two_ranks[0] / "summary.json").read_text())
+    assert (two["world_size"], two["grad_accum_steps"]) == (2, 1)
+    assert_same_trajectory(adamw_two_ranks[0], adamw_one_process)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, adamw_one_process):
+    two = run_ok(tmp_path / "accum", SMALL + ADAMW + ["trainer.micro_batch_size=16"], nproc=2)
     assert (two["world_size"], two["micro_batch_size"], two["grad_accum_steps"]) == (2, 16, 2)
-    assert_same_trajectory(tmp_path / "accum", tmp_path / "one")
+    assert_same_trajectory(tmp_path / "accum", adamw_one_process)

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.slurm
 STATE = Path(os.environ.get("DGXTRAIN_SLURM_DIR", "/tmp/dgxtrain-slurm"))
 SLURM_CONF = str(STATE / "slurm.conf")
 # One config for every job here, so that each compares with one local torchrun run. The
-# step delay (a drill knob) makes jobs slow enough to interrupt; it changes no number.
-BASE = ["data.dim=16", "model.hidden_dim=32", "trainer.global_batch_size=64",
+# step delay (a drill knob) makes jobs slow enough to interrupt; it changes no number. W&B
+# only where a test reads its files (it costs each attempt about 2 s).
+BASE = ["logger=none", "data.dim=16", "model.hidden_dim=32", "trainer.global_batch_size=64",
         "trainer.max_steps=200", "trainer.warmup_steps=0", "trainer.log_every=5",
         "checkpoint.every_steps=25", "data.eval_samples=256"]
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -83,23 +84,34 @@ def log_of(out: Path, jid: str) -> str:
     return path.read_text() if path.exists() else ""
 
 
+class Releaser:
+    """SLURM holds a requeued job for about two minutes before it may start again; here it is
+    released (scontrol update StartTime=now) once it has been held 3 s. Not at once: slurmd
+    revokes the ended attempt's credential as it cleans up, and a new attempt allocated
+    before that is killed ("Job credential revoked") and the job fails."""
+
+    def __init__(self, jid: str) -> None:
+        self.jid, self.held_since = jid, None
+
+    def poll(self) -> dict[str, str]:
+        info = job(self.jid)
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            self.held_since = self.held_since or time.monotonic()
+            if time.monotonic() - self.held_since >= 3:
+                scontrol("update", f"JobId={self.jid}", "StartTime=now")
+        else:
+            self.held_since = None
+        return info
+
+
 def wait_job(out: Path, jid: str, timeout: float = 240) -> dict[str, str]:
-    """Wait for the job to end. SLURM holds a requeued job for about two minutes before it
-    may start again; here it is released at once (scontrol update StartTime=now)."""
-    end, held_since = time.monotonic() + timeout, None
+    """Wait for the job to end, releasing it whenever it is held for a requeue."""
+    end, releaser = time.monotonic() + timeout, Releaser(jid)
     while time.monotonic() < end:
-        info = job(jid)
+        info = releaser.poll()
         if info.get("JobState") in DONE_STATES:
             return info
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            # Not at once: slurmd revokes the ended attempt's credential as it cleans up, and
-            # a new attempt allocated before that is killed ("Job credential revoked").
-            held_since = held_since or time.monotonic()
-            if time.monotonic() - held_since >= 3:
-                scontrol("update", f"JobId={jid}", "StartTime=now")
-        else:
-            held_since = None
-        time.sleep(1)
+        time.sleep(0.5)
     scontrol("requeuehold", jid)  # hold it: nothing runs on after the test
     subprocess.run(["scancel", jid], env=slurm_env(), timeout=30)
     pytest.fail(f"job {jid} did not end in {timeout} s: {job(jid)}\n{log_of(out, jid)[-4000:]}")
@@ -217,16 +229,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, reference):
     """Twice. Attempt 0 gets the warning signal in the batch shell (SIGUSR1), which reaches
     the workers through the stop file. Attempt 1 is preempted for real: SIGTERM to the steps
     only, which on one node the relay step passes on to torchrun's workers."""
-    jid = submit(tmp_path, ["fault.step_delay_s=0.03"], ("--nodelist=node1",))
+    jid = submit(tmp_path, ["fault.step_delay_s=0.03", "logger=wandb"], ("--nodelist=node1",))
     run_dir = tmp_path / f"slurm-{jid}"
     wait_for(run_dir / "checkpoints" / "step-25", tmp_path, jid)
     subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm_env(), check=True,
                    timeout=30)
-    end = time.monotonic() + 120
+    end, releaser = time.monotonic() + 120, Releaser(jid)
     while "attempt 1" not in log_of(tmp_path, jid) and time.monotonic() < end:
-        info = job(jid)
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            scontrol("update", f"JobId={jid}", "StartTime=now")
+        releaser.poll()
         time.sleep(1)
     first = int(re.search(r"stopping after step (\d+) for a requeue: stop file",
                           log_of(tmp_path, jid)).group(1))
@@ -338,7 +348,7 @@ def test_hydra_sweep_submits_one_job_per_point_and_survives_preemption(tmp_path,
     submitit requeues it, and it resumes in its own run dir."""
     args = [sys.executable, "-m", "dgxtrain", "-m", "hydra/launcher=dgx",
             "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10",
-            "optim.lr=1e-3,3e-3", *BASE, "fault.step_delay_s=0.03"]
+            "optim.lr=1e-3,3e-3", *BASE, "logger=wandb", "fault.step_delay_s=0.03"]
     with subprocess.Popen(args, cwd=ROOT, env=slurm_env(DGXTRAIN_OUTPUT_ROOT=str(tmp_path)),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
         try:
@@ -347,11 +357,9 @@ def test_hydra_sweep_submits_one_job_per_point_and_survives_preemption(tmp_path,
                         if re.fullmatch(r"\d+_1", d.name))
             subprocess.run(["scancel", "--signal=USR2", task], env=slurm_env(), check=True,
                            timeout=30)
-            end = time.monotonic() + 240
+            end, releaser = time.monotonic() + 240, Releaser(task)
             while p.poll() is None and time.monotonic() < end:
-                info = job(task)
-                if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                    scontrol("update", f"JobId={task}", "StartTime=now")
+                releaser.poll()
                 time.sleep(1)
             out = p.communicate(timeout=10)[0]
         finally:
