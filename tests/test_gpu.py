@@ -34,17 +34,37 @@ def test_data_on_gpu_equals_data_on_cpu():
     torch.testing.assert_close(yg.cpu(), yc, rtol=1e-4, atol=1e-4)
 
 
-def _count_syncs(fused: bool) -> tuple[int, int, list]:
-    """Host syncs in 4 training steps on the GPU, after a first one (lazy optimizer state)."""
-    parts, schedule = make_parts(fused, device="cuda")
-    batches = [schedule(s) for s in range(5)]  # the index chunk may sync, once
-    train_step(parts, batches[0], 1)
+def test_the_sample_order_and_data_never_sync_in_dgx_8gpu_shapes():
+    # experiment=dgx_8gpu's shapes: 8 ranks, 8192 samples per rank and step, so an index
+    # chunk lasts 8 steps. 20 steps cross two refills, all inside the checked region.
+    schedule = GlobalBatchSchedule(10**9, 1, 65536, 3, 8, 8192, device="cuda")
+    data = SyntheticRegression(dim=1024, noise_std=0.1, num_samples=10**9, eval_samples=64,
+                               target="nonlinear", seed=1, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            results = [train_step(parts, b, s) for s, b in enumerate(batches[1:], 2)]
+            batches = [data.sample(schedule(s)[0]) for s in range(20)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [str(w.message) for w in caught if "synchroniz" in str(w.message)] == []
+    cpu = GlobalBatchSchedule(10**9, 1, 65536, 3, 8, 8192)
+    assert torch.equal(schedule(19).cpu(), cpu(19))  # the same order as on the host
+    assert batches[-1][0].shape == (8192, 1024)
+
+
+def _count_syncs(fused: bool) -> tuple[int, int, list]:
+    """Host syncs in 4 training steps on the GPU, after a first one (lazy optimizer state);
+    their batches are made inside the checked region."""
+    parts, schedule = make_parts(fused, device="cuda")
+    train_step(parts, schedule(0), 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = [train_step(parts, schedule(s - 1), s) for s in range(2, 6)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]

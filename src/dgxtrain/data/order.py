@@ -39,7 +39,8 @@ class FeistelPermutation:
         y = self._round_trip(pos, keys)
         # Cycle walking: a bijection of the power-of-4 domain, walked until it lands in
         # [0, n), is a bijection of [0, n). Each round walks only the values still outside
-        # (a quarter of them, or fewer); one host sync per round.
+        # (a quarter of them, or fewer). The loop reads its data: on a GPU that would be a
+        # host sync per round, so GlobalBatchSchedule runs it on the host.
         out = (y >= self.n).nonzero().squeeze(1)
         while len(out):
             walked = self._round_trip(y[out], [k[out] for k in keys])
@@ -63,13 +64,14 @@ class GlobalBatchSchedule:
         self.accum = self.per_rank // micro_batch_size
         self.offset = rank * self.per_rank
         self.device = torch.device(device)
-        # Index maths for many steps at once keeps the permutation's host sync rare.
+        # Index maths for many steps at once: the host's share of a step stays small.
         self.chunk_steps = max(1, 65536 // self.per_rank)
         self._chunk_start, self._chunk, self._passes = -1, torch.empty(0), torch.empty(0)
 
     def positions(self, step: int, steps: int = 1) -> torch.Tensor:
-        s = torch.arange(step, step + steps, device=self.device, dtype=torch.int64)
-        local = torch.arange(self.per_rank, device=self.device, dtype=torch.int64)
+        """Global positions of this rank's samples at steps [step, step + steps), on the host."""
+        s = torch.arange(step, step + steps, dtype=torch.int64)
+        local = torch.arange(self.per_rank, dtype=torch.int64)
         return s[:, None] * self.global_batch + self.offset + local[None, :]
 
     def __call__(self, step: int) -> torch.Tensor:
@@ -84,9 +86,20 @@ class GlobalBatchSchedule:
     def _fill(self, step: int) -> int:
         start = step - step % self.chunk_steps
         if start != self._chunk_start:
+            # On the host: the cycle walk loops on its data, which on a GPU would be a host
+            # sync per round. Integer maths: the same bits on any device. The copy to the GPU
+            # is from pinned memory and does not block.
             pos = self.positions(start, self.chunk_steps)
             n = self.perm.n
-            self._passes = (pos // n).view(-1, self.accum, self.micro)
-            self._chunk = self.perm(pos % n, self._passes.reshape(pos.shape)).view_as(self._passes)
+            passes = (pos // n).view(-1, self.accum, self.micro)
+            chunk = self.perm(pos % n, passes.reshape(pos.shape)).view_as(passes)
+            self._passes, self._chunk = (_to(t, self.device) for t in (passes, chunk))
             self._chunk_start = start
         return step - start
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; to a GPU through pinned memory, without waiting for the copy."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
