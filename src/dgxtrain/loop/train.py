@@ -263,7 +263,10 @@ def run_loop(job: Job, state: TrainState, feed: Feed, tracker: NullTracker,
         **job.task.summary(job.model),
         "samples_per_s": (state.samples_seen - first_step * batch) / train_time
         if train_time > 0 else 0.0,
-        "param_sha256": param_sha256(job.model), "wall_time_s": meter.elapsed(),
+        # Rank 0's alone: DDP keeps the replicas bit-identical (test_comm checks it), and
+        # hashing copies every parameter to the host.
+        "param_sha256": param_sha256(job.model) if env.is_main else None,
+        "wall_time_s": meter.elapsed(),
         "startup_s": startup_s,
     }
 
