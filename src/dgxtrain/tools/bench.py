@@ -20,14 +20,12 @@ Writes JSON (--json), a PNG (--png), and a table on stdout (rank 0).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dgxtrain import config
 from dgxtrain.dist import ddp
-from dgxtrain.dist.collectives import all_reduce_, gather_objects, process_group
+from dgxtrain.dist.collectives import all_reduce_, gather_objects
 from dgxtrain.dist.env import DistEnv, cores_per_rank, register_resolvers
 from dgxtrain.dist.preempt import StopVote
 from dgxtrain.faults import Watchdog
@@ -66,14 +64,16 @@ STANDARD = ["data.dim=256", "model=mlp", "model.hidden_dim=1024", "model.num_lay
 QUICK = ["data.dim=32", "model.hidden_dim=64", "model.num_layers=2"]
 
 
-def compose_config(overrides: list[str], micro_batch: int, world: int) -> Any:
+def compose_config(overrides: list[str], micro_batch: int | None, world: int) -> Any:
+    """The config for these overrides, with `micro_batch` samples per rank (None: as they
+    say) and no end in sight."""
     config.register_configs()
     register_resolvers()
+    batch = ([f"trainer.micro_batch_size={micro_batch}",
+              f"trainer.global_batch_size={micro_batch * world}"] if micro_batch else [])
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[
-            *overrides, f"trainer.micro_batch_size={micro_batch}",
-            f"trainer.global_batch_size={micro_batch * world}", "trainer.max_steps=100000",
-            "hydra.run.dir=."])
+        return compose("config", overrides=[*overrides, *batch, "trainer.max_steps=100000",
+                                            "hydra.run.dir=."])
 
 
 class Reference:
@@ -320,11 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     env = DistEnv.from_env("auto")
     logs.setup_logging(env.rank)
-    if env.device.type == "cuda":
-        torch.cuda.set_device(env.device)
-    with tempfile.TemporaryDirectory(prefix="dgxtrain-bench-") as tmp, \
-            Watchdog(Path(tmp), env.rank) as watchdog, process_group(env, timeout_s=1800):
-        result = run(args, env, Path(tmp), watchdog)
+    with measure.tool_world(env, "dgxtrain-bench-") as (tmp, watchdog):
+        result = run(args, env, tmp, watchdog)
     if not env.is_main:
         return 0
     if not args.no_memory:
@@ -332,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             STANDARD + (QUICK if args.quick else []) + args.overrides, args.micro_batch,
             steps=10 if args.quick else 30)
     sys.stdout.write(table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=float))
+    measure.write_json(args.json, result)
     if args.png:
         plot(result, args.png)
     # Only fp32 maths must agree: bf16 autocast or bf16 gradients round differently.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import statistics
 import sys
@@ -34,6 +33,7 @@ from dgxtrain.data.loader import StepSampler, make_loader
 from dgxtrain.data.order import GlobalBatchSchedule
 from dgxtrain.observe import logs
 from dgxtrain.tasks.examples.digits import Digits
+from dgxtrain.tools import measure
 
 log = logging.getLogger("dgxtrain.tools.loader_bench")
 BATCH, WORLD, SEED, TARGET, FAR = 128, 2, 0, 0.95, 10**6
@@ -207,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": {f"w{w}": throughput(ds, w, args.rounds, args.steps) for w in workers},
         "resume": resume(ds, args.workers, args.repeats, args.skip_k, args.replay_k)}
     sys.stdout.write(table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    measure.write_json(args.json, result)
     return 0
 
 

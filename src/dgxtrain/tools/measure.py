@@ -1,16 +1,40 @@
-"""Measurements the benchmark and the doctor share: all-reduce bandwidth over message sizes,
-and how to print what they find."""
+"""What the measuring tools (bench, doctor, loader_bench, scaling) share: the world they run
+in, all-reduce bandwidth over message sizes, and how to keep and print what they find."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import platform
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 
-from dgxtrain.dist.collectives import all_reduce_, broadcast_object
+from dgxtrain.dist.collectives import all_reduce_, broadcast_object, process_group
+from dgxtrain.dist.env import DistEnv
+from dgxtrain.faults import Watchdog
+
+
+@contextlib.contextmanager
+def tool_world(env: DistEnv, prefix: str) -> Iterator[tuple[Path, Watchdog]]:
+    """A tool's run: its GPU, a scratch dir, the hang watchdog, and the process group."""
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, \
+            Watchdog(Path(tmp), env.rank) as watchdog, process_group(env, timeout_s=1800):
+        yield Path(tmp), watchdog
+
+
+def write_json(path: Path | None, result: Any) -> None:
+    """The tool's results as JSON at `path`, if one was given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=float))
 
 def message_sizes(max_bytes: int, smallest: int = 64 * 2**10) -> list[int]:
     """Powers of 4 from `smallest` up to max_bytes, which is always the last size."""
