@@ -2,6 +2,9 @@
 NCCL + DDP. Skipped without a GPU."""
 
 import json
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -11,7 +14,8 @@ from dgxtrain.data.order import GlobalBatchSchedule
 from dgxtrain.data.synthetic import SyntheticRegression
 from dgxtrain.loop.step import train_step
 from dgxtrain.loop.train import train
-from tests.conftest import compose_cfg, losses, read_metrics, run_ok
+from tests.conftest import (ROOT, clean_env, compose_cfg, kill_tree, losses, read_metrics,
+                            run_ok)
 from tests.test_step import make_parts
 
 pytestmark = [pytest.mark.gpu,
@@ -195,3 +199,45 @@ def test_checkpoint_resume_on_gpu(tmp_path):
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")[-30:]
     assert all(abs(x - y) <= 1e-6 * abs(y) for x, y in zip(b, a))
     print("bit-exact on GPU:", resumed["param_sha256"] == straight["param_sha256"])
+
+
+def _torchrun(run_dir, overrides: list[str]) -> list[str]:
+    """`torchrun --nproc_per_node=1 -m dgxtrain` on the GPU: the NCCL path of eight ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+            "-m", "dgxtrain", "device=cuda", "logger=none", f"hydra.run.dir={run_dir}",
+            *overrides]
+
+
+def test_under_torchrun_nccl_ddp_compile_bf16_hook_and_vote_never_sync(tmp_path):
+    out = tmp_path / "launched.json"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=1", str(ROOT / "tests" / "gpu_launched.py"), str(out)],
+                       cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r["backend"], r["compiled"], r["ddp"], r["finite"]) == ("nccl", True, True, True), r
+    assert r["syncs"] == [], r["syncs"]
+    assert "gradient all-reduce by bf16" in p.stderr
+
+
+def test_torchrun_on_nccl_killed_then_rerun_resumes_bit_exactly(tmp_path):
+    base = SMALL + ["trainer.min_lr_ratio=1.0", "checkpoint.every_steps=10"]
+    straight = tmp_path / "straight"
+    assert subprocess.run(_torchrun(straight, base), cwd=ROOT, env=clean_env(),
+                          capture_output=True, timeout=600).returncode == 0
+    run = tmp_path / "run"
+    args = _torchrun(run, base + ["fault.hang_at_step=15", "fault.rank=-1"])
+    with subprocess.Popen(args, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL) as job:
+        marker = run / "faults" / "hang_at_step.rank0"
+        end = time.time() + 300
+        while not marker.exists() and job.poll() is None and time.time() < end:
+            time.sleep(0.2)
+        kill_tree(job.pid)  # after the step-10 checkpoint: a node lost mid-run
+    assert marker.exists() and not (run / "summary.json").exists()
+    p = subprocess.run(args, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, run))
+    assert b["resumed_from_step"] == 10 and b["world_size"] == 1
+    assert b["param_sha256"] == a["param_sha256"]
