@@ -1,6 +1,7 @@
 """Run by tests/test_gpu.py under `torchrun --nproc_per_node=1`: dgxtrain's step as train()
-builds it (NCCL process group, DDP, torch.compile, the bf16 gradient hook, the stop vote),
-its host syncs counted over steps that decide nothing.   gpu_launched.py OUT_JSON"""
+builds it (NCCL process group, DDP, torch.compile, the bf16 gradient hook timed by CUDA
+events, the stop vote), its host syncs counted over steps that decide nothing.
+    gpu_launched.py OUT_JSON"""
 
 import json
 import socket
@@ -11,7 +12,9 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dgxtrain.dist import ddp
 from dgxtrain.dist.collectives import gather_objects
+from dgxtrain.dist.comm_timer import CommTimer
 from dgxtrain.dist.env import DistEnv
 from dgxtrain.loop.build import distribute
 from dgxtrain.tools import bench, measure
@@ -41,6 +44,8 @@ with measure.tool_world(env, "dgxtrain-gpu-") as (tmp, watchdog):
     inner = getattr(job.wrapped, "_orig_mod", job.wrapped)
     out = {"backend": tdist.get_backend(), "compiled": inner is not job.wrapped,
            "ddp": isinstance(inner, DDP), "device": str(env.device),
+           "timed": ddp.hook_state(job.wrapped, CommTimer) is not None,
+           "comm_wait_s": ddp.comm_wait_s(job.wrapped),  # events of step 15, synced above
            "syncs": [str(w.message) for w in caught if "synchroniz" in str(w.message)],
            "finite": all(torch.isfinite(p).all().item() for p in job.model.parameters())}
     trainer.vote.close()

@@ -1,20 +1,28 @@
 """How gradients are all-reduced and how ranks agree: auto is the backend's all-reduce, the
 opt-in shared-memory hook gives gloo's bits, a step's decision rides on the gradients' own
-all-reduce; the threads a rank gets."""
+all-reduce, the timed all-reduce (GPUs' comm wait) gives DDP's bits; the threads a rank gets."""
 
+import datetime
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dgxtrain.dist import ddp
+from dgxtrain.dist.comm_timer import CommTimer, HostEvent
 from dgxtrain.dist.env import DistEnv, cores_per_rank
 from dgxtrain.errors import ConfigError
-from tests.conftest import ADAMW, SMALL, clean_env, run_cli
+from dgxtrain.observe.metrics import param_sha256
+from tests.conftest import ADAMW, SMALL, clean_env, free_port, run_cli
 
 
 def _env(device: str = "cpu", world: int = 2) -> DistEnv:
@@ -134,3 +142,47 @@ def test_every_rank_skips_a_step_that_is_non_finite_on_one_without_a_collective(
         assert r["python_collectives"] == (["barrier"] * 3 if hook == "shm" else []), r
     # And the replicas are the same to the bit, which is why rank 0 alone hashes them.
     assert rows[0]["param_sha256"] == rows[1]["param_sha256"]
+
+
+def _timed_backward(rank: int, port: int, out: Path) -> None:
+    """Two gloo ranks, DDP with the timed all-reduce (host clocks in place of CUDA events);
+    rank 1's forward is 0.3 s late, so rank 0's backward ends that much before the
+    all-reduce can."""
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                             world_size=2, timeout=datetime.timedelta(seconds=60))
+    results = {}
+    for timed in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+        model = DDP(net, bucket_cap_mb=0.25)  # a few buckets
+        if timed:
+            timer = CommTimer(default_hooks.allreduce_hook, None, event=HostEvent)
+            model.register_comm_hook(timer, CommTimer.hook)
+            if rank == 1:
+                net.register_forward_hook(lambda m, a, o: time.sleep(0.3) or o)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(rank)
+        waits = []
+        for _ in range(3):
+            model(torch.randn(64, 256, generator=g)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            waits.append(timer.last_wait_s() if timed else 0.0)
+        results[timed] = {"sha": param_sha256(net), "waits": waits}
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+    tdist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_the_timed_all_reduce_gives_ddps_bits_and_the_wait_after_the_backward(tmp_path):
+    ctx = mp.start_processes(_timed_backward, args=(free_port(), tmp_path), nprocs=2,
+                             join=False, start_method="spawn")
+    end = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        assert time.monotonic() < end, "the ranks hang"
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # The same all-reduce as DDP's own: the same parameters, on both ranks.
+    assert r0["false"]["sha"] == r0["true"]["sha"] == r1["true"]["sha"]
+    # Rank 0 waited for late rank 1 after its backward; rank 1 hardly at all.
+    assert all(0.2 < w < 1.0 for w in r0["true"]["waits"]), r0
+    assert all(w < 0.1 for w in r1["true"]["waits"]), r1

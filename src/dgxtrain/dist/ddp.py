@@ -3,20 +3,23 @@
 DDP splits the gradients into buckets and all-reduces each as soon as the backward pass
 has filled it. On GPUs NCCL does that on its own stream, behind the rest of the backward;
 on CPU ranks gloo does it. `dist.comm_hook=auto` takes the backend's own all-reduce on
-every device, so CPU runs test the path GPU runs take. Two hooks are opt-in: bf16
-compression (NCCL) and the shared-memory sum for CPU ranks on one host (dist/shm.py).
+every device, so CPU runs test the path GPU runs take; on GPUs it runs inside a hook that
+times it with CUDA events (dist/comm_timer.py). Two hooks are opt-in: bf16 compression
+(NCCL) and the shared-memory sum for CPU ranks on one host (dist/shm.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dgxtrain.config import DistConfig
+from dgxtrain.dist.comm_timer import CommTimer
 from dgxtrain.dist.env import DistEnv
 from dgxtrain.dist.shm import ShmAllReduce
 from dgxtrain.errors import ConfigError
@@ -46,10 +49,14 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: DistConfig, hosts: list[str]
             ddp.register_comm_hook(shm, ShmAllReduce.hook)
         else:
             hook = "allreduce"
-    elif hook == "bf16":
-        # Halves the bytes on the wire and rounds every gradient to bf16 once: not the
+    elif env.device.type == "cuda":
+        # The same all-reduce (sum of the gradients / world size) as DDP's built-in one, with
+        # device events around it: DDP's own timing on GPUs is of the enqueue, not of NCCL.
+        # bf16 halves the bytes on the wire and rounds every gradient to bf16 once: not the
         # fp32 maths of the other hooks, so never chosen by auto.
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        inner = (default_hooks.bf16_compress_hook if hook == "bf16"
+                 else default_hooks.allreduce_hook)
+        ddp.register_comm_hook(CommTimer(inner, None), CommTimer.hook)
     log.info("DDP: gradient all-reduce by %s, buckets of %g MB, gradient_as_bucket_view=%s, "
              "static_graph=%s", hook, cfg.bucket_cap_mb, cfg.gradient_as_bucket_view,
              static_graph)
@@ -89,10 +96,14 @@ def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractConte
 
 
 def comm_wait_s(model: torch.nn.Module) -> float:
-    """How long a recent all-reducing backward waited for the other ranks: the shared-memory
-    hook's barrier time in the last backward, or what DDP's runtime logging sampled (the wait
-    for the all-reduce after the backward's own compute ended; DDP files a sampled step's
-    figures at the next forward, so they are of an earlier step); 0 where there is no DDP."""
+    """How long a recent all-reducing backward waited for its all-reduce after its own
+    compute ended: on GPUs the device's events around the last bucket (dist/comm_timer.py);
+    the shared-memory hook's barrier time in the last backward; or on CPU what DDP's runtime
+    logging sampled (DDP files a sampled step's figures at the next forward, so they are of
+    an earlier step). 0 where there is no DDP."""
+    timer = hook_state(model, CommTimer)
+    if timer is not None:
+        return timer.last_wait_s()
     shm = shm_state(model)
     if shm is not None:
         return shm.last_wait_s
@@ -107,10 +118,15 @@ def comm_wait_s(model: torch.nn.Module) -> float:
     return max(0.0, (comm_end - compute_end) / 1e9)
 
 
-def shm_state(model: torch.nn.Module) -> ShmAllReduce | None:
-    """The shared-memory hook of a DDP model (compiled or not), if it has one."""
+def hook_state(model: torch.nn.Module, kind: type) -> Any:
+    """The state of a DDP model's comm hook (compiled or not) if it is a `kind`, else None."""
     ddp = getattr(model, "_orig_mod", model)
     for _, state in getattr(ddp, "_comm_hooks", []):
-        if isinstance(state, ShmAllReduce):
+        if isinstance(state, kind):
             return state
     return None
+
+
+def shm_state(model: torch.nn.Module) -> ShmAllReduce | None:
+    """The shared-memory hook of a DDP model (compiled or not), if it has one."""
+    return hook_state(model, ShmAllReduce)

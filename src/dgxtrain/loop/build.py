@@ -118,7 +118,8 @@ def distribute(job: Job, hosts: list[str]) -> torch.nn.Module:
         wrapped = ddp.wrap(wrapped, env, job.cfg.dist, hosts,
                            uses_no_sync=job.spec.grad_accum_steps > 1 or job.cfg.trainer.compile)
         # DDP times forward, backward and the gradient all-reduce on sampled iterations:
-        # once per log interval, for the comm-wait and straggler metrics. A private API:
+        # once per log interval, for the comm wait of CPU ranks (GPUs time theirs with
+        # events: dist/comm_timer.py) and the straggler metrics. A private API:
         # without it, comm_wait_s reads 0 (ddp.comm_wait_s) and the log says so.
         sample = getattr(wrapped, "_set_ddp_runtime_logging_sample_rate", None)
         if sample is not None and hasattr(wrapped, "_get_ddp_logging_data"):
