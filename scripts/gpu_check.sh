@@ -3,6 +3,7 @@
 # tests, the default command on the GPU, torchrun over NCCL on every GPU, the doctor, and
 # the benchmark (bf16 + compile on a wide MLP, printing MFU).
 #   scripts/gpu_check.sh [output dir]
+# On a bare GPU machine: run scripts/gpu_wheels.sh here first and bring .whl/ along.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/gpu_check}
@@ -10,6 +11,15 @@ mkdir -p "$out"
 VENV=${DGXTRAIN_VENV:-.venv}
 PY=${DGXTRAIN_PYTHON:-$([[ -x "$VENV/bin/python" ]] && echo "$VENV/bin/python" || echo python3)}
 export PYTHONUNBUFFERED=1
+# A bare GPU machine (torch, no network, no .venv): dgxtrain from the checkout, and what it
+# needs beside torch from the wheels scripts/gpu_wheels.sh put in .whl/ (carried along).
+if ! "$PY" -c 'import hydra, omegaconf, wandb' 2>/dev/null; then
+  [[ -d .whl ]] || { echo "no hydra/omegaconf/wandb here and no .whl/: run scripts/gpu_wheels.sh where pip works, and bring .whl/ along" >&2; exit 2; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/dgxtrain-site .whl/*.whl || exit 2
+  export PYTHONPATH=/tmp/dgxtrain-site:$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export WANDB_MODE=${WANDB_MODE:-offline}
 nvidia-smi -L
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version())'
 "$PY" -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$out/pytest.log"
@@ -30,10 +40,29 @@ gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
   model.hidden_dim=8192 trainer.precision=bf16 trainer.compile=true --micro-batch 4096 \
   --rounds 5 --steps 20 --no-memory --json "$out/bench_wide_bf16.json" 2>&1 | grep -vE "^W[0-9]|INFO"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.tools.bench \
-  --json "$out/bench_standard.json" 2>&1 | grep -vE "^W[0-9]|INFO"
+  --rounds 5 --json "$out/bench_standard.json" 2>&1 | grep -vE "^W[0-9]|INFO"
 # bf16 gradient compression changes the numerics: benchmarked on its own, never a default.
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.tools.bench \
   dist.comm_hook=bf16 --rounds 3 --no-memory --json "$out/bench_bf16_hook.json" 2>&1 |
   grep -E "^trainer|^reference|speedup|parameters"
 for f in "$out"/*/summary.json; do echo "$f: $(cat "$f" | tr -d '\n ')"; done
+# One table to end with: MFU and the loops against each other, from the benchmarks' JSON.
+"$PY" - "$out" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print(f"{'benchmark':<26} {'trainer/reference':>17} {'TFLOP/s/GPU':>11} {'of matmul peak':>14} {'MFU (data sheet)':>16}")
+for name in ("bench_wide_bf16", "bench_standard", "bench_bf16_hook"):
+    f = out / f"{name}.json"
+    if not f.exists():
+        print(f"{name:<26} (did not run)")
+        continue
+    r = json.loads(f.read_text())
+    t = r["loops"]["trainer"]
+    mfu = r.get("mfu_vs_data_sheet")
+    print(f"{name:<26} {r['speedup']:>17.3f} {t['tflops_per_device']:>11.1f} "
+          f"{t['fraction_of_matmul_peak']:>14.2f} {mfu if mfu is None else round(mfu, 3)!s:>16}")
+print("target: the wide bf16 MLP at >= 0.6 of the measured bf16 matmul peak. Lightning Fabric "
+      "and Accelerate loops: not in the benchmark yet (issue 15, item 5)")
+PYEOF
 exit "$status"
