@@ -2,9 +2,9 @@
 
 busbw is nccl-tests' figure: algbw * 2(n-1)/n, with algbw = bytes / time, so that a ring
 all-reduce of `b` bytes over n ranks takes 2(n-1)/n * b / busbw. Published figures are end
-to end: they include the collective's latency. A Curve therefore stores the times its
-figures imply and gives back the link bandwidth with its own latency taken out; the cost
-model adds the latency of the world it predicts for (model.allreduce_s).
+to end: they include the collective's latency. A Curve gives back its bandwidth with its
+own latency taken out, and the cost model adds the latency of the world it predicts for
+(model.allreduce_s): at the curve's own world that gives back the published times.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def ring_factor(n: int) -> float:
 
 
 def measured(rows: list[dict[str, float]], ranks: int, latency_s: float) -> Curve:
-    """A curve from tools.measure.allreduce_bandwidth's rows and a tiny all-reduce's time."""
+    """A curve from timed all-reduces (rows of `bytes` and `busbw_gbps`) and a tiny one's
+    time."""
     pts = tuple(sorted((int(r["bytes"]), r["busbw_gbps"]) for r in rows))
     return Curve("measured here", pts, ranks, latency_s,
                  "tools.measure.allreduce_bandwidth on this machine")
@@ -69,14 +70,9 @@ DGX_H100_NVLINK = Curve(
      (256 * MiB, 423.38), (512 * MiB, 438.46), (1 * GiB, 466.35), (8 * GiB, 478.87)),
     8, 26e-6, "Azure ND H100 v5 nccl-tests (AI-benchmarking-guide)")
 
-# Ring only (NCCL_ALGO=RING), 8 x H100: "effective NVLink bandwidth of 370GB/s" at large
-# sizes, NVIDIA's S. Jeaugey in https://github.com/NVIDIA/nccl-tests/issues/212; 365-370 at
-# 2-4 GB in https://github.com/NVIDIA/nccl/issues/1455. Below 256 MiB the NVLS curve's shape.
-DGX_H100_NVLINK_RING = Curve(
-    "8x H100/H200, NVLink ring (one node)",
-    ((16 * MiB, 234.45), (32 * MiB, 295.53), (64 * MiB, 350.0), (256 * MiB, 365.0),
-     (4 * GiB, 370.0)),
-    8, 26e-6, "nccl-tests#212, nccl#1455 (ring); Azure ND H100 v5 below 64 MiB")
+# Ring only (NCCL_ALGO=RING) reaches about 370 GB/s at large sizes ("effective NVLink
+# bandwidth of 370GB/s", NVIDIA's S. Jeaugey, https://github.com/NVIDIA/nccl-tests/issues/212):
+# NCCL picks NVLS on these nodes by itself, so the curve above is what DDP gets.
 
 # Across nodes, 8 x 400 Gb/s per node (one NIC per GPU; "up to 48-49GB/s per NIC",
 # nccl-tests#267). Large messages: ~330 GB/s on 1-2 nodes and ~320 beyond 2 (H100, 8x400G,
@@ -104,8 +100,8 @@ def multi_node(nodes: int) -> Curve:
                  "table (shape by size); nccl#1244 (latency)")
 
 
-def published(gpus: int, gpus_per_node: int = 8, nvls: bool = True) -> Curve:
+def published(gpus: int, gpus_per_node: int = 8) -> Curve:
     """The built-in curve for a world of `gpus` DGX H100/H200 GPUs."""
     if gpus <= gpus_per_node:
-        return DGX_H100_NVLINK if nvls else DGX_H100_NVLINK_RING
+        return DGX_H100_NVLINK
     return multi_node(math.ceil(gpus / gpus_per_node))

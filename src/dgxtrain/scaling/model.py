@@ -17,10 +17,6 @@ from dataclasses import dataclass
 from dgxtrain.scaling.bandwidth import Curve, published, ring_factor
 
 MiB = 2**20
-# DDP's first bucket is 1 MiB when bucket_cap_mb is left unset (torch's
-# _DEFAULT_FIRST_BUCKET_BYTES, reducer.hpp's kDefaultFirstBucketBytes); a bucket_cap_mb
-# that is set, as dgxtrain sets it, is also the first bucket's cap.
-DEFAULT_FIRST_BUCKET_BYTES = 1 * MiB
 
 
 @dataclass(frozen=True)
@@ -39,7 +35,9 @@ class Compute:
 def buckets(grad_bytes: list[int], cap_bytes: int, first_cap_bytes: int | None = None) -> list[int]:
     """DDP's bucket sizes, in the order they are all-reduced, for gradients of these sizes in
     the order the backward produces them: a bucket closes once it holds its cap (the first
-    bucket's, then `cap_bytes`), as torch's _compute_bucket_assignment_by_size assigns them."""
+    bucket's, then `cap_bytes`), as torch's _compute_bucket_assignment_by_size assigns them.
+    DDP's first cap is 1 MiB only when bucket_cap_mb is left unset (torch's
+    _DEFAULT_FIRST_BUCKET_BYTES); dgxtrain sets it, so its first cap is `cap_bytes` too."""
     limit, out, current = first_cap_bytes or cap_bytes, [], 0
     for b in grad_bytes:
         current += b

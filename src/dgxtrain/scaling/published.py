@@ -4,11 +4,11 @@ to compute ratio (python -m dgxtrain.scaling --published; docs/performance.md)."
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dgxtrain.scaling import bandwidth, model
 
-MB = 10**6
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class Case:
     kept: float  # published per-GPU throughput kept from `gpus[0]` to `gpus[1]`
     step_s: float  # one GPU's step
     grad_bytes: float  # what the all-reduce carries per step
-    curve: object  # bandwidth at gpus[1], or a function of the world size
+    curve: Callable[[int], bandwidth.Curve]  # the bandwidth for a world size
     note: str
     source: str
 
