@@ -242,3 +242,17 @@ def test_torchrun_on_nccl_killed_then_rerun_resumes_bit_exactly(tmp_path):
     a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, run))
     assert b["resumed_from_step"] == 10 and b["world_size"] == 1
     assert b["param_sha256"] == a["param_sha256"]
+
+
+def test_the_scaling_tool_measures_under_torchrun_on_the_gpu(tmp_path):
+    # Its compute is the DDP step with a hook that sends nothing: on GPUs that is the timed
+    # hook's inner one, swapped (a DDP takes one comm hook).
+    out = tmp_path / "scaling.json"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=1", "-m", "dgxtrain.scaling", "--rounds", "2",
+                        "--steps", "5", "--json", str(out)],
+                       cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["workload"]["overlap"] and r["workload"]["device"] == "cuda:0"
+    assert 0 < r["compute"]["step_s"] and 0 < r["measured_step_s"]
