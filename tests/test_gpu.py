@@ -16,6 +16,7 @@ from dgxtrain.loop.step import train_step
 from dgxtrain.loop.train import train
 from tests.conftest import (ROOT, clean_env, compose_cfg, kill_tree, losses, read_metrics,
                             run_ok)
+from tests.test_scaling import run_scaling
 from tests.test_step import make_parts
 
 pytestmark = [pytest.mark.gpu,
@@ -247,12 +248,6 @@ def test_torchrun_on_nccl_killed_then_rerun_resumes_bit_exactly(tmp_path):
 def test_the_scaling_tool_measures_under_torchrun_on_the_gpu(tmp_path):
     # Its compute is the DDP step with a hook that sends nothing: on GPUs that is the timed
     # hook's inner one, swapped (a DDP takes one comm hook).
-    out = tmp_path / "scaling.json"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=1", "-m", "dgxtrain.scaling", "--rounds", "2",
-                        "--steps", "5", "--json", str(out)],
-                       cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads(out.read_text())
+    r, _ = run_scaling(tmp_path / "scaling.json", nproc=1, steps=5)
     assert r["workload"]["overlap"] and r["workload"]["device"] == "cuda:0"
     assert 0 < r["compute"]["step_s"] and 0 < r["measured_step_s"]

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,15 +83,20 @@ def test_a_table_from_flops_for_the_dgx_experiment(tmp_path, capsys):
     assert "1024" in capsys.readouterr().out
 
 
+def run_scaling(out: Path, nproc: int, steps: int) -> tuple[dict, str]:
+    """`torchrun --nproc_per_node=nproc -m dgxtrain.scaling` in 2 short rounds: its JSON and
+    its stdout."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={nproc}", "-m", "dgxtrain.scaling", "--rounds", "2",
+                        "--steps", str(steps), "--json", str(out)],
+                       cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(out.read_text()), p.stdout
+
+
 @pytest.mark.multiprocess
 def test_two_ranks_measure_predict_and_compare(tmp_path):
-    out = tmp_path / "scaling.json"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", "-m", "dgxtrain.scaling", "--rounds", "2",
-                        "--steps", "3", "--json", str(out)],
-                       cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    r = json.loads(out.read_text())
+    r, stdout = run_scaling(tmp_path / "scaling.json", nproc=2, steps=3)
     w, c = r["workload"], r["compute"]
     assert w["world_size"] == 2 and not w["overlap"]  # CPU ranks: after the backward
     assert sum(w["bucket_bytes"]) == w["grad_bytes"] == 4 * w["parameters"]
@@ -106,4 +112,4 @@ def test_two_ranks_measure_predict_and_compare(tmp_path):
     assert table[1]["predicted_efficiency"] == 1.0
     assert table[2]["predicted_step_s"] == pytest.approx(r["predicted_step_s"])
     assert math.isfinite(table[1024]["predicted_efficiency"])
-    assert "world of 2: measured step" in p.stdout
+    assert "world of 2: measured step" in stdout
