@@ -87,13 +87,19 @@ def test_pruning_counts_only_checkpoints_that_verify(tmp_path):
 
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import builtins, json, sys
     from pathlib import Path
     import torch
     from dgxtrain import checkpoint
     from dgxtrain.dist.collectives import process_group
     from dgxtrain.dist.env import DistEnv
     env, run_dir, out = DistEnv.from_env("cpu"), Path(sys.argv[1]), {}
+
+    def digest(model, opt):
+        state = opt.state_dict()["state"]
+        tensors = list(model.state_dict().values()) + [
+            t for k in sorted(state) for _, t in sorted(state[k].items())]
+        return [t.detach().double().flatten().tolist() for t in tensors]
 
     def fail_on_rank0(step, path):
         if env.rank == 0:
@@ -109,12 +115,33 @@ SCRIPT = textwrap.dedent("""
                             {"seed": 0}, 2, fail_on_rank0)
         except Exception as e:
             out["save"] = type(e).__name__
+        # A resume: the ranks start from different weights; rank 0's saved ones come back.
+        torch.manual_seed(env.rank)
+        model, meta = torch.nn.Linear(3, 2), {"seed": 0, "global_batch_size": 1,
+                                              "num_samples": 1, "world_size": 2}
+        opt = torch.optim.AdamW(model.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        out["saved"] = digest(model, opt)
+        shared = checkpoint.contents(model, opt, sched, {"step": 2}, {})
+        assert checkpoint.save(run_dir, 2, env, shared, meta, 2) is None
+        torch.manual_seed(10 + env.rank)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        opened, real_open = [], builtins.open
+        builtins.open = lambda f, *a, **k: opened.append(Path(f).name) or real_open(f, *a, **k)
+        chosen = checkpoint.choose("auto", run_dir, env)
+        checkpoint.restore(chosen, env, meta, model, opt, sched)
+        builtins.open = real_open
+        out["restored"], out["opened"] = digest(model, opt), sorted(opened)
     (run_dir / f"result{env.rank}.json").write_text(json.dumps(out))
 """)
 
 
 @pytest.mark.multiprocess
-def test_choosing_and_writing_errors_reach_every_rank(tmp_path):
+def test_errors_reach_every_rank_and_a_resume_reads_each_file_once(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -122,5 +149,14 @@ def test_choosing_and_writing_errors_reach_every_rank(tmp_path):
                        env=clean_env(), capture_output=True, text=True, timeout=120)
     results = {r: json.loads(f.read_text()) for r in (0, 1)
                if (f := tmp_path / f"result{r}.json").exists()}
-    expected = {"choose": "CheckpointError", "save": "CheckpointError"}
-    assert results == {0: expected, 1: expected}, p.stdout[-2000:] + p.stderr[-2000:]
+    assert all(r.keys() >= {"restored"} for r in results.values()), p.stderr[-3000:]
+    errors = {"choose": "CheckpointError", "save": "CheckpointError"}
+    assert [{k: r[k] for k in errors} for r in results.values()] == [errors, errors]
+    # Rank 0's weights and AdamW state, bit for bit on both ranks (rank 1's own differed).
+    assert results[0]["saved"] != results[1]["saved"]
+    assert results[0]["restored"] == results[1]["restored"] == results[0]["saved"]
+    # Each file read once, by rank 0 (the checksum and the load are one read), except each
+    # rank's own RNG state; rank 0 reads rank 1's only to check it.
+    assert results[0]["opened"] == ["model.pt", "optim.pt", "rng-rank0.pt", "rng-rank1.pt",
+                                    "state.pt"]
+    assert results[1]["opened"] == ["rng-rank1.pt"]

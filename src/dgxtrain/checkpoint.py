@@ -6,13 +6,15 @@ fsynced, each hashed as it is written; the manifest lists the files that must be
 0's and every rank's RNG state, as the ranks reported them, not as a directory listing on a
 shared file system shows them) with their sizes and SHA-256, and is written last; the
 directory is fsynced, then renamed into place. A directory without a valid manifest is
-never resumed from.
+never resumed from. A resume reads each file once, on rank 0: the checksum and the load come
+from the same bytes, and the weights and optimizer state are broadcast to the other ranks.
 Everything is tensors and plain values, loaded with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,12 +22,14 @@ import re
 import shutil
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dgxtrain.dist.collectives import all_agree, broadcast_object, gather_objects
+from dgxtrain.dist.collectives import (all_agree, broadcast_object, broadcast_tensors,
+                                       gather_objects)
 from dgxtrain.dist.env import DistEnv
 from dgxtrain.rng import rng_state, set_rng_state
 
@@ -52,9 +56,16 @@ def _step(d: Path) -> int:
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _read_hashed(path: Path) -> tuple[bytes, str]:
+    """The file's bytes and their SHA-256, from one read."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -90,9 +101,11 @@ def write_file(path: Path, obj: Any) -> list[Any]:
     return [out.size, out.sha.hexdigest()]
 
 
-def load_file(path: Path, device: torch.device | str = "cpu") -> Any:
+def load_file(path: Path, device: torch.device | str = "cpu", data: io.BytesIO | None = None
+              ) -> Any:
+    """The tensors and plain values in `path` (from `data` when its bytes were read already)."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path if data is None else data, map_location=device, weights_only=True)
     except Exception as e:  # UnpicklingError for anything but tensors and plain values
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused to load ({first}); fix: resume from a "
@@ -103,24 +116,52 @@ def manifest(d: Path) -> dict[str, Any]:
     return json.loads((d / MANIFEST).read_text())
 
 
-def verify(d: Path, checksums: bool = True) -> str | None:
-    """Why `d` is not a complete checkpoint, or None if it is: every file its manifest
-    lists is there at its size (and, with `checksums`, has its SHA-256)."""
+class _Damaged(Exception):
+    """Why a directory is not a complete checkpoint."""
+
+
+def _read_by_rank0(name: str) -> bool:
+    """What rank 0 loads and broadcasts: all but the other ranks' RNG states."""
+    return not name.startswith("rng-rank") or name == "rng-rank0.pt"
+
+
+def _check(d: Path, checksums: bool = True, keep=lambda name: False) -> dict[str, io.BytesIO]:
+    """Every file d's manifest lists is there at its size and, with `checksums`, has its
+    SHA-256; each is read once, and the bytes of those `keep` names are returned from that
+    read, so loading them reads nothing again. Raises _Damaged for the first that is not."""
     try:
         files = manifest(d)["files"]
     except FileNotFoundError:
-        return "no manifest (the save did not finish)"
+        raise _Damaged("no manifest (the save did not finish)") from None
     except (ValueError, KeyError, OSError) as e:
-        return f"unreadable manifest ({e})"
+        raise _Damaged(f"unreadable manifest ({e})") from None
+    kept = {}
     for name, entry in files.items():
         # [size, sha256]; manifests before sizes were recorded hold the sha256 alone.
         size, digest = entry if isinstance(entry, list) else (None, entry)
         if not (d / name).is_file():
-            return f"{name} is missing"
+            raise _Damaged(f"{name} is missing")
         if size is not None and (d / name).stat().st_size != size:
-            return f"{name} has {(d / name).stat().st_size} bytes, not {size}"
-        if checksums and _sha256(d / name) != digest:
-            return f"{name} fails its checksum"
+            raise _Damaged(f"{name} has {(d / name).stat().st_size} bytes, not {size}")
+        if keep(name):
+            data, sha = _read_hashed(d / name)
+            kept[name] = io.BytesIO(data)  # shares the bytes: no copy
+        elif checksums:
+            sha = _sha256(d / name)
+        else:
+            continue
+        if sha != digest:
+            raise _Damaged(f"{name} fails its checksum")
+    return kept
+
+
+def verify(d: Path, checksums: bool = True) -> str | None:
+    """Why `d` is not a complete checkpoint, or None if it is: every file its manifest
+    lists is there at its size (and, with `checksums`, has its SHA-256)."""
+    try:
+        _check(d, checksums)
+    except _Damaged as e:
+        return str(e)
     return None
 
 
@@ -131,32 +172,47 @@ def _candidates(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: (_step(d), not d.name.endswith(_REPLACED)), reverse=True)
 
 
-def find_latest(root: Path) -> Path | None:
+@dataclass
+class Chosen:
+    """The checkpoint to resume from, with rank 0's files as it read them to verify them."""
+
+    path: Path
+    files: dict[str, io.BytesIO] = field(default_factory=dict)  # empty on other ranks
+
+
+def _latest(root: Path, keep=lambda name: False) -> Chosen | None:
     """The newest complete checkpoint under `root`; damaged ones are skipped, loudly."""
     for d in _candidates(root):
-        reason = verify(d)
-        if reason is None:
-            return d
-        log.warning("skipping checkpoint %s: %s", d, reason)
+        try:
+            return Chosen(d, _check(d, keep=keep))
+        except _Damaged as e:
+            log.warning("skipping checkpoint %s: %s", d, e)
     return None
 
 
-def choose(setting: str, run_dir: Path, env: DistEnv) -> Path | None:
+def find_latest(root: Path) -> Path | None:
+    found = _latest(root)
+    return found.path if found else None
+
+
+def choose(setting: str, run_dir: Path, env: DistEnv) -> Chosen | None:
     """Rank 0 picks the checkpoint to resume from; every rank gets the same answer, or
     raises the same error."""
     answer: tuple[str, str | None] = ("ok", None)
+    found = None
     if env.is_main:
         try:
-            answer = ("ok", _choose(setting, run_dir))
+            found = _choose(setting, run_dir)
+            answer = ("ok", str(found.path) if found else None)
         except CheckpointError as e:
             answer = ("error", str(e))
     kind, value = broadcast_object(answer)
     if kind == "error":
         raise CheckpointError(value)
-    return Path(value) if value else None
+    return found or (Chosen(Path(value)) if value else None)
 
 
-def _choose(setting: str, run_dir: Path) -> str | None:
+def _choose(setting: str, run_dir: Path) -> Chosen | None:
     root = root_of(run_dir)
     if setting == "never":
         if any(root.glob("step-*")):
@@ -165,15 +221,18 @@ def _choose(setting: str, run_dir: Path) -> str | None:
             log.warning("checkpoint.resume=never: moved old checkpoints to %s", aside)
         return None
     if setting == "auto":
-        found = find_latest(root) if root.is_dir() else None
-        return str(found) if found else None
+        return _latest(root, _read_by_rank0) if root.is_dir() else None
     path = Path(setting)
-    found = path if _step(path) >= 0 else find_latest(path)
-    reason = verify(found) if found else "no complete checkpoint in it"
-    if reason:
-        raise CheckpointError(f"checkpoint.resume={setting}: {reason}; fix: give a step-N dir "
-                              "with a manifest, or checkpoint.resume=auto")
-    return str(found)
+    try:
+        if _step(path) < 0:
+            found = _latest(path, _read_by_rank0)
+            if found is None:
+                raise _Damaged("no complete checkpoint in it")
+            return found
+        return Chosen(path, _check(path, keep=_read_by_rank0))
+    except _Damaged as e:
+        raise CheckpointError(f"checkpoint.resume={setting}: {e}; fix: give a step-N dir "
+                              "with a manifest, or checkpoint.resume=auto") from None
 
 
 def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
@@ -315,15 +374,12 @@ def _refuse(d: Path, what: str, saved: Any, now: Any, fix: str) -> CheckpointErr
                            "checkpoint.resume=never to start fresh")
 
 
-def restore(d: Path, env: DistEnv, meta: dict[str, Any], model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Load `d` into the model, optimizer and schedule; returns state.pt's contents."""
-    saved_meta = manifest(d)
-    for key, setting in _MUST_MATCH.items():
-        if saved_meta.get(key) != meta[key]:
-            raise _refuse(d, setting, saved_meta.get(key), meta[key],
-                          f"set {setting}={saved_meta.get(key)} to continue it")
-    weights = load_file(d / "model.pt", env.device)
+def _load_on_rank0(chosen: Chosen, model: torch.nn.Module, device: torch.device
+                   ) -> tuple[Any, Any, Any]:
+    """model.pt (checked against the model's shapes), optim.pt and state.pt, from the bytes
+    read while verifying them."""
+    d, files = chosen.path, chosen.files
+    weights = load_file(d / "model.pt", device, files.pop("model.pt"))
     mine = model.state_dict()
     for key in sorted(mine.keys() | weights.keys()):
         saved = tuple(weights[key].shape) if key in weights else "absent"
@@ -331,17 +387,42 @@ def restore(d: Path, env: DistEnv, meta: dict[str, Any], model: torch.nn.Module,
         if saved != now:
             raise _refuse(d, f"model tensor {key} of shape", saved, now,
                           "use the model.* settings the checkpoint was trained with")
+    return (weights, load_file(d / "optim.pt", device, files.pop("optim.pt")),
+            load_file(d / "state.pt", "cpu", files.pop("state.pt")))
+
+
+def restore(chosen: Chosen, env: DistEnv, meta: dict[str, Any], model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Load the chosen checkpoint into the model, optimizer and schedule; returns state.pt's
+    contents. Rank 0 loads the files it read to verify them and broadcasts them; the other
+    ranks read only their own RNG state. Shared storage serves one reader of the weights
+    and optimizer state, not one per GPU (docs/checkpoints.md has the measurement)."""
+    d = chosen.path
+    saved_meta = manifest(d)
+    for key, setting in _MUST_MATCH.items():
+        if saved_meta.get(key) != meta[key]:
+            raise _refuse(d, setting, saved_meta.get(key), meta[key],
+                          f"set {setting}={saved_meta.get(key)} to continue it")
+    loaded, error = None, None
+    if env.is_main:
+        try:
+            loaded = _load_on_rank0(chosen, model, env.device)
+        except CheckpointError as e:
+            error = str(e)
+    error = broadcast_object(error)  # the same error on every rank, or none
+    if error:
+        raise CheckpointError(error)
+    weights, opt = broadcast_tensors(loaded[:2] if loaded else None, env.device)
+    state = broadcast_object(loaded[2] if loaded else None)
     model.load_state_dict(weights)
-    opt = load_file(d / "optim.pt", env.device)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     rng = d / f"rng-rank{env.rank}.pt"
     if rng.is_file():
-        set_rng_state(load_file(rng), env.device)
+        set_rng_state(load_file(rng, data=chosen.files.pop(rng.name, None)), env.device)
     else:  # more ranks than saved this checkpoint: a fresh, still deterministic stream
         torch.manual_seed(meta["seed"] * 1_000_003 + env.rank)
         log.warning("%s has no RNG state for rank %d; seeded it afresh", d, env.rank)
-    state = load_file(d / "state.pt")
     log.info("resumed from %s: step %d, saved by %d ranks, now %d", d,
              state["train_state"]["step"], saved_meta["world_size"], env.world_size)
     return state

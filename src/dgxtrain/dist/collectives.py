@@ -90,3 +90,70 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+class _Slot:
+    """Where a tensor was in a tree that travels without its tensors."""
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.dtype = tuple(t.shape), t.dtype
+
+
+def _map_tensors(tree: Any, fn) -> Any:
+    """`tree` with each tensor (or _Slot) x replaced by fn(x), in a fixed order; dicts, lists
+    and plain tuples are walked, anything else is kept as it is."""
+    if isinstance(tree, (torch.Tensor, _Slot)):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return type(tree)((k, _map_tensors(v, fn)) for k, v in tree.items())
+    if isinstance(tree, list) or type(tree) is tuple:
+        return type(tree)(_map_tensors(v, fn) for v in tree)
+    return tree
+
+
+def broadcast_tensors(tree: Any, device: torch.device, bucket_bytes: int = 4 * 2**20) -> Any:
+    """Rank 0's `tree` (nested dicts and lists of tensors and plain values, such as a state
+    dict) on every rank, each tensor on `device` with rank 0's exact bits; other ranks pass
+    None. The structure travels as one pickled object; tensors of `bucket_bytes` or more go
+    as they are, smaller ones in flat buckets of one dtype, so that thousands of small
+    optimizer-state tensors cost a few collectives. (Copying a large tensor into a bucket
+    would cost about as much as sending it, measured on gloo.)"""
+    if not _initialized():
+        return tree
+    main = tdist.get_rank() == 0
+    tensors: list[torch.Tensor] = []
+    skeleton = broadcast_object(_map_tensors(tree, lambda t: tensors.append(t) or _Slot(t))
+                                if main else None)
+    if not main:
+        _map_tensors(skeleton, lambda s: tensors.append(
+            torch.empty(s.shape, dtype=s.dtype, device=device)))
+    tensors = [t.to(device) for t in tensors]
+    for bucket in _buckets(tensors, bucket_bytes):
+        if len(bucket) == 1 and bucket[0].is_contiguous():  # a large tensor: no copy
+            tdist.broadcast(bucket[0], src=0)
+            continue
+        flat = (torch.cat([t.reshape(-1) for t in bucket]) if main else
+                torch.empty(sum(t.numel() for t in bucket), dtype=bucket[0].dtype, device=device))
+        tdist.broadcast(flat, src=0)
+        if not main:
+            for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+                t.copy_(part.view(t.shape))
+    received = iter(tensors)
+    return _map_tensors(skeleton, lambda s: next(received))
+
+
+def _buckets(tensors: list[torch.Tensor], cap_bytes: int) -> Iterator[list[torch.Tensor]]:
+    """The tensors grouped by dtype (mixed precision interleaves them), then cut into runs of
+    at most `cap_bytes` (a larger tensor goes alone)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        bucket, size = [], 0
+        for t in group:
+            if bucket and size + t.nbytes > cap_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(t)
+            size += t.nbytes
+        yield bucket

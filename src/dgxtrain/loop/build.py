@@ -204,6 +204,6 @@ def resume(job: Job) -> dict[str, Any]:
         return {}
     saved = checkpoint.restore(found, job.env, checkpoint_meta(job), job.model,
                                job.optimizer, job.scheduler)
-    if not found.resolve().is_relative_to(job.run_dir.resolve()):
+    if not found.path.resolve().is_relative_to(job.run_dir.resolve()):
         saved.pop("tracker", None)  # another run's checkpoint: its W&B run is not this one
     return saved
