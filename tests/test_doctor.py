@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dgxtrain.scaling import bandwidth, workload
+from dgxtrain.scaling import model as scaling
 from dgxtrain.tools import doctor, measure
 from tests.conftest import ROOT, clean_env, kill_tree
 
 # Only the tests that start torchrun carry the marker; the pure-function tests stay fast
 # and run under -m "not multiprocess" too.
 multiprocess = pytest.mark.multiprocess
+PREDICTED = ["data.dim=16", "model.hidden_dim=48"]
 
 
 def run_doctor(out: Path, args: list[str], nproc: int = 1,
@@ -42,7 +46,8 @@ def test_two_cpu_ranks_report(tmp_path):
     out = tmp_path / "doctor.json"
     # Two ranks share this box's cores with whatever else runs: their GEMM rates can differ
     # by 2x, which the default 0.8 would flag. 0.3 still catches the drill's 10x below.
-    p = run_doctor(out, ["--max-mb", "4", "--slow-fraction=0.3"], nproc=2)
+    p = run_doctor(out, ["--max-mb", "4", "--slow-fraction=0.3", "--predict", *PREDICTED],
+                   nproc=2)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert {"versions", "env", "devices", "ranks", "allreduce", "problems", "ok"} <= rep.keys()
@@ -68,6 +73,20 @@ def test_two_cpu_ranks_report(tmp_path):
     assert "busbw" in p.stdout and "problems: none, OK" in p.stdout
     for r in ranks:
         assert f"{r['gemm_tflops']:.3f}" in p.stdout
+    # The prediction for the run the overrides train: its model, the median rank's GEMM rate
+    # at --mfu's default, and at 2 GPUs the all-reduce curve measured above.
+    pred = rep["prediction"]
+    w = workload.build(PREDICTED)
+    assert (pred["parameters"], pred["bucket_bytes"]) == (w.parameters, w.bucket_bytes)
+    assert pred["gemm_tflops"] == pytest.approx(statistics.median(r["gemm_tflops"]
+                                                                  for r in ranks))
+    assert pred["step_s"] == pytest.approx(w.compute(pred["gemm_tflops"], 0.42).step_s)
+    two = next(row for row in pred["table"] if row["gpus"] == 2)
+    curve = bandwidth.measured(rows, 2, pred["latency_s"])
+    assert pred["latency_s"] > 0 and two["bandwidth"] == "measured here"
+    assert two["comm_s"] == pytest.approx(sum(scaling.allreduce_s(b, 2, curve)
+                                              for b in pred["bucket_bytes"]))
+    assert f"scaling prediction for {' '.join(PREDICTED)}: {w.parameters:,} parameters" in p.stdout
 
 
 @multiprocess
@@ -98,6 +117,9 @@ def test_usage_errors_exit_2(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         doctor.main(["--slow-fraction", "1.5"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # an override with no --predict to take it
+        doctor.main(["--device=cpu", "data.dim=16"])
+    assert e.value.code == 2 and "go with --predict" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")  # a half-set torchrun environment
     assert doctor.main(["--device=cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -223,6 +223,12 @@ def test_two_nodes_form_one_world(tmp_path, reference, launcher, preempted):
     else:  # the preflight ran first, on both ranks, and found the nodes healthy
         report = json.loads((run_dir / "doctor-0.json").read_text())
         assert report["ok"] and len(report["ranks"]) == 2 and report["allreduce"], log[-3000:]
+        # ...and predicted the scaling of the very model the job then trained.
+        derived = json.loads((run_dir / "derived.json").read_text())
+        prediction = report["prediction"]
+        assert prediction["parameters"] == derived["parameters"], prediction
+        assert [row["gpus"] for row in prediction["table"]][:3] == [1, 2, 4]
+        assert "scaling prediction for " in log
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, reference):

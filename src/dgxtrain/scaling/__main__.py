@@ -20,7 +20,6 @@ import argparse
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,9 @@ from dgxtrain.dist.env import DistEnv, cores_per_rank
 from dgxtrain.faults import Watchdog
 from dgxtrain.loop.build import Job, distribute
 from dgxtrain.observe import logs
-from dgxtrain.observe.metrics import flops_per_sample
-from dgxtrain.scaling import bandwidth, model, published
+from dgxtrain.scaling import bandwidth, model, published, workload
 from dgxtrain.tools import bench, measure
 
-GPUS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 # Wide enough that the all-reduce is a real share of the step on 2 CPU ranks: 3.7 M
 # parameters, 14 MiB of gradients in one bucket.
 VALIDATION = ["data.dim=512", "model=mlp", "model.hidden_dim=1024", "model.num_layers=4",
@@ -76,14 +73,6 @@ class LocalStep:
 def _synced(device: torch.device) -> float:
     measure.sync(device)
     return time.perf_counter()
-
-
-def grad_bytes(net: torch.nn.Module, comm_hook: str) -> list[int]:
-    """Gradient bytes in the order the backward produces them (the reverse of definition
-    order for a model that runs its layers in that order), as the wire carries them."""
-    scale = 0.5 if comm_hook == "bf16" else 1.0  # the hook sends fp32 gradients as bf16
-    return [int(p.numel() * p.element_size() * scale)
-            for p in reversed(list(net.parameters())) if p.requires_grad]
 
 
 def _no_comm(world, bucket):  # noqa: ANN001 (DDP checks a hook's annotations, if any)
@@ -145,7 +134,7 @@ def measure_and_check(args: argparse.Namespace, env: DistEnv, work: Path,
     else:
         jobs[1].wrapped.register_comm_hook(env.world_size, _no_comm)
     ddp_step, no_comm = bench.Trainer(jobs[0]), Aligned(bench.Trainer(jobs[1]), env.device)
-    sizes = grad_bytes(jobs[0].model, cfg.dist.comm_hook)
+    sizes = workload.grad_bytes(jobs[0].model, cfg.dist.comm_hook)
     buckets = model.buckets(sizes, int(cfg.dist.bucket_cap_mb * model.MiB))
     for loop in (ddp_step, no_comm):  # warm-up: allocators, DDP's bucket rebuild
         bench.timed_steps(loop, 0, 3, env.device)
@@ -185,33 +174,20 @@ def measure_and_check(args: argparse.Namespace, env: DistEnv, work: Path,
         "error": predicted.step_s / measured - 1,
         # On GPUs the curve measured here serves up to one node, published ones beyond; a
         # CPU world is its own curve all the way (nothing published fits it).
-        "table": model.table(compute, buckets, GPUS, overlap, curve,
-                             curve_max_gpus=8 if overlap else max(GPUS)),
+        "table": model.table(compute, buckets, model.GPUS, overlap, curve,
+                             curve_max_gpus=8 if overlap else max(model.GPUS)),
     }
 
 
 def from_flops(args: argparse.Namespace) -> dict[str, Any]:
-    """No launcher: one GPU's compute from the model's FLOPs at peak x MFU, split as dense
-    layers split it (backward twice the forward); the optimizer is not counted."""
-    env = DistEnv.from_env("cpu")
-    t = bench.compose_config(args.overrides, None, 8).trainer  # the experiment's own batch
-    micro = args.micro_batch or t.micro_batch_size or t.global_batch_size // 8
-    with tempfile.TemporaryDirectory(prefix="dgxtrain-scaling-") as tmp, \
-            Watchdog(Path(tmp), 0) as watchdog:
-        job = bench.build(args.overrides, micro, env, Path(tmp), watchdog, ["localhost"])
-    per_sample = flops_per_sample(job.model, job.task.example()[0].to(env.device))
-    step = per_sample * micro / (args.peak_tflops * 1e12 * args.mfu)
-    compute = model.Compute(step / 3, 2 * step / 3, 0.0)
-    sizes = grad_bytes(job.model, job.cfg.dist.comm_hook)
-    buckets = model.buckets(sizes, int(job.cfg.dist.bucket_cap_mb * model.MiB))
-    return {"workload": {"overrides": args.overrides, "micro_batch_per_rank": micro,
-                         "parameters": sum(p.numel() for p in job.model.parameters()),
-                         "grad_bytes": sum(sizes), "bucket_bytes": buckets,
-                         "flops_per_sample": per_sample, "peak_tflops": args.peak_tflops,
-                         "mfu": args.mfu},
+    """No launcher: one GPU's compute from the model's FLOPs at peak x MFU."""
+    w = workload.build(args.overrides, args.micro_batch)
+    compute = w.compute(args.peak_tflops, args.mfu)
+    return {"workload": {"overrides": args.overrides, **w.describe(),
+                         "peak_tflops": args.peak_tflops, "mfu": args.mfu},
             "compute": {"forward_s": compute.forward_s, "backward_s": compute.backward_s,
                         "optimizer_s": 0.0, "step_s": compute.step_s},
-            "table": model.table(compute, buckets, GPUS, overlap=True)}
+            "table": model.table(compute, w.bucket_bytes, model.GPUS, overlap=True)}
 
 
 def render(r: dict[str, Any]) -> str:
@@ -226,12 +202,7 @@ def render(r: dict[str, Any]) -> str:
                      f"ms, predicted {r['predicted_step_s'] * 1e3:.2f} ms "
                      f"({r['error']:+.1%}); all-reduce {r['predicted_comm_s'] * 1e3:.2f} ms, "
                      f"{'overlapped with' if w['overlap'] else 'after'} the backward")
-    lines.append(f"{'GPUs':>5} {'nodes':>5} {'all-reduce ms':>13} {'exposed ms':>10} "
-                 f"{'step ms':>8} {'efficiency':>10}  bandwidth")
-    lines += [f"{t['gpus']:>5} {t['nodes']:>5} {t['comm_s'] * 1e3:>13.2f} "
-              f"{t['exposed_comm_s'] * 1e3:>10.2f} {t['predicted_step_s'] * 1e3:>8.2f} "
-              f"{t['predicted_efficiency']:>10.1%}  {t['bandwidth']}" for t in r["table"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + model.render_table(r["table"])) + "\n"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from dgxtrain.scaling.bandwidth import Curve, published, ring_factor
 
 MiB = 2**20
+GPUS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]  # the tables' world sizes
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,12 @@ def table(compute: Compute, bucket_bytes: list[int], gpus: list[int], overlap: b
                      "comm_s": p.comm_s, "exposed_comm_s": p.step_s - compute.step_s,
                      "predicted_step_s": p.step_s, "predicted_efficiency": p.efficiency})
     return rows
+
+
+def render_table(rows: list[dict]) -> list[str]:
+    """table()'s rows as text lines."""
+    return [f"{'GPUs':>5} {'nodes':>5} {'all-reduce ms':>13} {'exposed ms':>10} "
+            f"{'step ms':>8} {'efficiency':>10}  bandwidth",
+            *(f"{t['gpus']:>5} {t['nodes']:>5} {t['comm_s'] * 1e3:>13.2f} "
+              f"{t['exposed_comm_s'] * 1e3:>10.2f} {t['predicted_step_s'] * 1e3:>8.2f} "
+              f"{t['predicted_efficiency']:>10.1%}  {t['bandwidth']}" for t in rows)]

@@ -5,6 +5,11 @@ the NCCL/SLURM environment, every rank's GEMM rate and the all-reduce bus bandwi
   torchrun --standalone --nproc_per_node=8 -m dgxtrain.tools.doctor  # every GPU of a node
   srun --ntasks-per-node=8 --gpus-per-task=1 python -m dgxtrain.tools.doctor
 
+With --predict (and the run's Hydra overrides after it), the report ends with the scaling
+model's prediction for the model about to train, from 1 to 1024 GPUs: its step's FLOPs at
+--mfu of the GEMM rate measured here, and the all-reduce measured here (published DGX
+figures beyond this world); slurm/train.sbatch passes its overrides when DGXTRAIN_DOCTOR=1.
+
 Rank 0 prints the report (--json writes it too). Exit 0: healthy; 1: problems found;
 2: usage error. Drill: DGXTRAIN_DOCTOR_SLOW_RANK=<r> divides rank r's measured GEMM rate by
 10, a fault injected to see the slow-rank check fire (tests use it; never set it for real).
@@ -33,6 +38,7 @@ from dgxtrain.dist.collectives import broadcast_object, gather_objects, process_
 from dgxtrain.dist.env import DistEnv, cores_per_rank
 from dgxtrain.errors import DistEnvError
 from dgxtrain.observe import logs, peak
+from dgxtrain.scaling import bandwidth, model, workload
 from dgxtrain.tools import measure
 
 # Not __name__: that is "__main__" under python -m, outside the dgxtrain logger.
@@ -194,6 +200,33 @@ def check_busbw(ranks: list[dict[str, Any]], rows: list[dict[str, float]],
             "NCCL_P2P_DISABLE / NCCL_SHM_DISABLE / NCCL_P2P_LEVEL are unset"]
 
 
+def prediction(overrides: list[str], mfu: float, ranks: list[dict[str, Any]],
+               rows: list[dict[str, float]], latency_s: float, cuda: bool) -> dict[str, Any]:
+    """The scaling model's table for the run these overrides train, on this world's GEMM
+    rate (the median rank's) and all-reduce curve; published figures beyond this world."""
+    w = workload.build(overrides)
+    tflops = statistics.median(r["gemm_tflops"] for r in ranks)
+    compute = w.compute(tflops, mfu)
+    curve = bandwidth.measured(rows, len(ranks), latency_s) if rows else None
+    # A CPU world is its own curve all the way (nothing published fits it); GPUs use the
+    # measured curve up to the world measured, the published DGX figures beyond it.
+    top = len(ranks) if cuda else max(model.GPUS)
+    return {"overrides": overrides, **w.describe(), "gemm_tflops": tflops, "mfu": mfu,
+            "step_s": compute.step_s, "overlap": cuda, "latency_s": latency_s,
+            "table": model.table(compute, w.bucket_bytes, model.GPUS, cuda, curve, top)}
+
+
+def render_prediction(p: dict[str, Any]) -> list[str]:
+    if "error" in p:
+        return [f"scaling prediction: not made ({p['error']})"]
+    return [f"scaling prediction for {' '.join(p['overrides']) or 'the default job'}: "
+            f"{p['parameters']:,} parameters, {p['grad_bytes'] / 2**20:.1f} MiB of gradients in "
+            f"{len(p['bucket_bytes'])} buckets, {p['micro_batch_per_rank']} samples per GPU; "
+            f"step {p['step_s'] * 1e3:.2f} ms at {p['mfu']:g} of {p['gemm_tflops']:.3g} "
+            "TFLOP/s (python -m dgxtrain.scaling measures it instead)",
+            *("  " + line for line in model.render_table(p["table"]))]
+
+
 def render(rep: dict[str, Any]) -> str:
     """The human-readable report."""
     v, ranks, rows = rep["versions"], rep["ranks"], rep["allreduce"]
@@ -224,6 +257,8 @@ def render(rep: dict[str, Any]) -> str:
         lines.append("all-reduce: skipped, one rank (launch with torchrun or srun to measure)")
     lines.append("environment:" if rep["env"] else "environment: no NCCL/SLURM/launcher variables")
     lines += [f"  {k}={val}" for k, val in rep["env"].items()]
+    if "prediction" in rep:
+        lines += render_prediction(rep["prediction"])
     problems = rep["problems"]
     lines.append(f"problems ({len(problems)}):" if problems else "problems: none, OK")
     lines += [f"  - {p}" for p in problems]
@@ -251,11 +286,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-busbw-fraction", type=_number(0, 1), default=0.5,
                    help="flag busbw below this x the expected NVLink figure (H100/H200)")
     p.add_argument("--timeout", type=_number(0), default=300, help="process group timeout, s")
+    p.add_argument("--predict", action="store_true", help="end with the scaling prediction for "
+                   "the run that the overrides after it train")
+    p.add_argument("--mfu", type=_number(0, 1), default=0.42, help="with --predict: the share "
+                   "of the GEMM rate a step reaches (default 0.42, dgxtrain's last H200 "
+                   "measurement)")
+    p.add_argument("overrides", nargs="*", help="with --predict: the run's Hydra overrides")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.overrides and not args.predict:
+        parser.error(f"unrecognized arguments: {' '.join(args.overrides)} (Hydra overrides "
+                     "go with --predict)")
     slow = os.environ.get(SLOW_RANK_VAR, "")
     if slow and not slow.isdigit():
         sys.stderr.write(f"dgxtrain: doctor: {SLOW_RANK_VAR}={slow!r} is no rank number; "
@@ -281,11 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         # Each node's devices once, from its first rank.
         gathered = gather_objects((mine, node_devices(env.device) if env.local_rank == 0 else None))
         rows: list[dict[str, float]] = []
+        latency_s = 0.0
         if env.world_size > 1:  # one rank has nothing to all-reduce with
             max_bytes = int((args.max_mb or (1024 if cuda else 64)) * 2**20)
             log.info("measuring all-reduce up to %s", measure.human_bytes(max_bytes))
             rows = measure.allreduce_bandwidth(env.device, measure.message_sizes(max_bytes),
                                             min_time_s=0.1, max_iters=50)
+            if args.predict:  # the scaling model's latency term: a 4-byte all-reduce
+                latency_s = measure.allreduce_bandwidth(env.device, [4])[0]["time_us"] * 1e-6
         ranks = [r for r, _ in gathered]
         problems = (check_world(ranks, env.world_size) + check_devices(ranks) +
                     check_slow_ranks(ranks, args.slow_fraction) +
@@ -296,6 +344,13 @@ def main(argv: list[str] | None = None) -> int:
                    "env": relevant_env(os.environ),
                    "devices": {d["host"]: d for _, d in gathered if d}, "ranks": ranks,
                    "allreduce": rows, "problems": problems, "ok": not problems}
+            if args.predict:
+                try:
+                    rep["prediction"] = prediction(args.overrides, args.mfu, ranks, rows,
+                                                   latency_s, cuda)
+                except Exception as e:  # the checks stand; a prediction is a nice-to-have
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    rep["prediction"] = {"error": f"{type(e).__name__}: {first}"}
             sys.stdout.write(render(rep) + "\n")
             sys.stdout.flush()
             if args.json:
