@@ -22,9 +22,12 @@ def test_quick_benchmark_on_two_ranks(tmp_path):
                        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads(out.read_text())
-    # The default path, the tuned plain DDP loop, and the opt-in shared-memory path.
+    # The default path, the tuned plain DDP loop, the peers' loops (the dev extra installs
+    # them), and the opt-in shared-memory path.
     assert r["workload"]["world_size"] == 2
-    assert r["workload"]["loops"] == ["trainer", "reference", "trainer_shm"]
+    assert r["workload"]["loops"] == ["trainer", "reference", "fabric", "accelerate",
+                                      "trainer_shm"]
+    assert r["workload"]["loops_left_out"] == {}
     # Every loop ran every round, and the reported figures follow from the raw ones.
     for name in r["workload"]["loops"]:
         loop = r["loops"][name]
@@ -39,8 +42,11 @@ def test_quick_benchmark_on_two_ranks(tmp_path):
     for key, name in (("speedup", "trainer"), ("speedup_shm", "trainer_shm")):
         assert math.isclose(r[key], r["loops"][name]["median_samples_per_s"]
                             / r["loops"]["reference"]["median_samples_per_s"], rel_tol=1e-9)
-    # The same mathematics: after identical batches the parameters agree in fp32 (each
-    # trainer path against the reference).
+    for name in ("fabric", "accelerate"):
+        assert math.isclose(r["trainer_vs"][name], r["loops"]["trainer"]["median_samples_per_s"]
+                            / r["loops"][name]["median_samples_per_s"], rel_tol=1e-9)
+    # The same mathematics: after identical batches the parameters agree in fp32 (every
+    # loop against the reference: the trainer's paths, Fabric's and Accelerate's).
     a = r["agreement"]
     assert a["steps"] > 10 and a["equal"] and a["max_abs_diff"] <= 1e-5, a
     # nccl-tests definitions: busbw = algbw * 2(n-1)/n, which is algbw itself at n = 2.

@@ -54,6 +54,7 @@ from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
 from dgxtrain.tasks import Feed
 from dgxtrain.tools import measure
 from dgxtrain.tools.bench_report import memory_and_startup, plot, table
+from dgxtrain.tools.peers import peer_loops
 
 log = logging.getLogger("dgxtrain.tools.bench")
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
@@ -206,6 +207,8 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
     per_sample = flops_per_sample(job.model, probe)
     job.wrapped = distribute(job, hosts)
     loops = {"trainer": Trainer(job), "reference": Reference(job)}
+    peers, left_out = peer_loops(job) if args.peers else ({}, {"peers": "--no-peers"})
+    loops.update(peers)
     if env.device.type == "cpu" and env.world_size > 1 and cfg.dist.comm_hook == "auto":
         # The opt-in shared-memory hook, on an identical job of its own.
         shm = build(overrides + ["dist.comm_hook=shm"], args.micro_batch, env, work, watchdog,
@@ -229,9 +232,10 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
         step += args.steps + args.phase_steps + 1
     shares = {name: {k: statistics.median(p[k] for p in rounds) for k in rounds[0]}
               for name, rounds in phase_rounds.items()}
-    diff_abs, diff_rel = max(max_param_diff(j.model, loops["reference"].model)
-                             for j in [job] + [lp.job for n, lp in loops.items() if n != "trainer"
-                                               and isinstance(lp, Trainer)])
+    # Every loop's weights against the reference's, after the same steps.
+    diff_abs, diff_rel = max(max_param_diff(lp.job.model if isinstance(lp, Trainer) else lp.model,
+                                            loops["reference"].model)
+                             for n, lp in loops.items() if n != "reference")
     ranks = gather_objects({"rank": env.rank, "host": socket.gethostname(),
                             "threads": torch.get_num_threads(),
                             "peak_tflops": statistics.median(peaks)})
@@ -250,7 +254,7 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
                      "precision": cfg.trainer.precision, "compile": cfg.trainer.compile,
                      "torch": torch.__version__, "threads_per_rank": torch.get_num_threads(),
                      "steps_per_round": args.steps, "rounds": args.rounds,
-                     "flops_per_sample": per_sample},
+                     "flops_per_sample": per_sample, "loops_left_out": left_out},
         "loops": {}, "ranks": ranks, "allreduce": allreduce,
         "agreement": {"steps": step, "max_abs_diff": diff_abs, "max_rel_diff": diff_rel,
                       "tolerance": 1e-5, "equal": diff_abs <= 1e-5},
@@ -269,6 +273,9 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
             "phase_share": {k: v / total for k, v in shares[name].items()}}
     t, ref = result["loops"]["trainer"], result["loops"]["reference"]
     result["speedup"] = t["median_samples_per_s"] / ref["median_samples_per_s"]
+    # The trainer's throughput over each peer's: above 1, the trainer is faster.
+    result["trainer_vs"] = {name: t["median_samples_per_s"] / result["loops"][name][
+        "median_samples_per_s"] for name in peers}
     if "trainer_shm" in result["loops"]:
         result["speedup_shm"] = (result["loops"]["trainer_shm"]["median_samples_per_s"]
                                  / ref["median_samples_per_s"])
@@ -304,6 +311,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="steps per loop and round (default 20; quick 5)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--png", type=Path, help="plot them here (needs matplotlib)")
+    p.add_argument("--no-peers", dest="peers", action="store_false",
+                   help="leave out the Lightning Fabric and Accelerate loops")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory and launch-time runs of the CLI")
     args = p.parse_args(argv)

@@ -69,6 +69,11 @@ def table(r: dict[str, Any]) -> str:
     if "speedup_shm" in r:
         lines.append(f"speedup trainer_shm / reference: {r['speedup_shm']:.3f}x (opt-in "
                      "dist.comm_hook=shm)")
+    if r.get("trainer_vs"):
+        lines.append("trainer's throughput over: " + ", ".join(
+            f"{name} {x:.3f}x" for name, x in r["trainer_vs"].items()))
+    for name, why in w.get("loops_left_out", {}).items():
+        lines.append(f"left out: {name} ({why})")
     if "mfu_vs_data_sheet" in r:
         lines.append(f"MFU vs data sheet ({r['data_sheet_peak_tflops']:.1f} TFLOP/s): "
                      f"{r['mfu_vs_data_sheet']:.3f}")

@@ -1,0 +1,113 @@
+"""The bench's peer loops: the same step written as a Lightning Fabric user and a Hugging Face
+Accelerate user write it, on the trainer's model, data, optimizer, schedule and clipping.
+
+Each is tuned as its documentation tunes DDP (the reference loop's DDP options: the
+trainer's bucket size, gradients as bucket views, static graph) and left to choose its own
+device and precision plumbing. The LR schedule is stepped by hand in both: Accelerate's
+prepared scheduler would step once per process. Neither package is a dependency of
+dgxtrain: a loop whose package is missing is left out, and the bench says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+
+from dgxtrain.loop.build import Job
+from dgxtrain.loop.optim import build_scheduler
+from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
+
+
+def _ddp_options(job: Job) -> dict[str, Any]:
+    return {"bucket_cap_mb": job.cfg.dist.bucket_cap_mb, "gradient_as_bucket_view": True,
+            "static_graph": True}
+
+
+class _Peer:
+    """What both peers share: the trainer's initial weights, optimizer, schedule and feed."""
+
+    def __init__(self, job: Job):
+        from dgxtrain.tools.bench import feed  # bench imports this module
+        cfg = job.cfg
+        torch.manual_seed(cfg.seed)  # the trainer's initial weights (build_job seeds alike)
+        self.model = job.task.build_model().to(job.env.device)
+        self.optimizer = instantiate(cfg.optim, params=self.model.parameters(),
+                                     _convert_="all")
+        t = cfg.trainer
+        self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps,
+                                         t.min_lr_ratio)
+        self.clip, self.feed = t.grad_clip or math.inf, feed(job)
+        self.distributed = job.env.launcher != "single"
+
+
+class FabricLoop(_Peer):
+    def __init__(self, job: Job):
+        super().__init__(job)
+        from lightning_fabric import Fabric
+        from lightning_fabric.strategies import DDPStrategy
+        env = job.env
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        strategy = (DDPStrategy(process_group_backend=env.backend, **_ddp_options(job))
+                    if self.distributed else "auto")
+        self.fabric = Fabric(
+            accelerator=env.device.type, devices=per_node, num_nodes=env.world_size // per_node,
+            strategy=strategy,
+            precision="bf16-mixed" if job.cfg.trainer.precision == "bf16" else "32-true")
+        self.fabric.launch()  # the process group dgxtrain joined is reused
+        self.forward, self.optimizer = self.fabric.setup(self.model, self.optimizer)
+        self.ddp = self.forward._forward_module  # the DDP itself, for the bench's timers
+
+    def step(self, step: int, clock: PhaseClock = NULL_CLOCK) -> None:
+        x, y = self.feed(step)[0]
+        clock.mark("data")
+        loss = torch.nn.functional.mse_loss(self.forward(x).float(), y)
+        self.fabric.backward(loss)
+        clock.mark("fwd_bwd")
+        self.fabric.clip_gradients(self.forward, self.optimizer, max_norm=self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clock.mark("optim")
+
+
+class AccelerateLoop(_Peer):
+    def __init__(self, job: Job):
+        super().__init__(job)
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+        self.accelerator = Accelerator(
+            cpu=job.env.device.type == "cpu",
+            mixed_precision="bf16" if job.cfg.trainer.precision == "bf16" else "no",
+            kwargs_handlers=[DistributedDataParallelKwargs(**_ddp_options(job))])
+        self.ddp, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    def step(self, step: int, clock: PhaseClock = NULL_CLOCK) -> None:
+        x, y = self.feed(step)[0]
+        clock.mark("data")
+        loss = torch.nn.functional.mse_loss(self.ddp(x).float(), y)
+        self.accelerator.backward(loss)
+        clock.mark("fwd_bwd")
+        self.accelerator.clip_grad_norm_(self.ddp.parameters(), self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clock.mark("optim")
+
+
+PEERS = {"fabric": ("lightning_fabric", FabricLoop), "accelerate": ("accelerate", AccelerateLoop)}
+
+
+def peer_loops(job: Job) -> tuple[dict[str, Any], dict[str, str]]:
+    """The peer loops whose package is installed, and why each other one is left out."""
+    loops, missing = {}, {}
+    for name, (package, loop) in PEERS.items():
+        if importlib.util.find_spec(package) is None:
+            missing[name] = f"{package} is not installed (pip install {package.replace('_', '-')})"
+            continue
+        loops[name] = loop(job)
+    return loops, missing
