@@ -303,10 +303,10 @@ def test_a_cancelled_job_saves_and_stays_cancelled(tmp_path):
 
 
 def test_deadline_stops_for_requeue_without_a_signal(tmp_path, reference):
-    # A 120 s limit less a 90 s margin leaves about 30 s, start-up included, for 200 steps
-    # of 0.15 s: the first attempt cannot finish. The warning signal is moved to 5 s before
+    # A 120 s limit less a 100 s margin leaves about 20 s, start-up included, for 200 steps
+    # of 0.1 s: the first attempt cannot finish. The warning signal is moved to 5 s before
     # the end (SLURM may send it up to 60 s early: still after the trainer's own stop).
-    jid = submit(tmp_path, ["fault.step_delay_s=0.15", "preemption.deadline_margin_s=90"],
+    jid = submit(tmp_path, ["fault.step_delay_s=0.1", "preemption.deadline_margin_s=100"],
                  ("--time=2", "--signal=B:USR1@5"))
     info = wait_job(tmp_path, jid, timeout=300)
     log = log_of(tmp_path, jid)
