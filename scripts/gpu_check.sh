@@ -49,10 +49,10 @@ part "the benchmarks"
   model.hidden_dim=8192 trainer.precision=bf16 trainer.compile=true --micro-batch 4096 \
   --rounds 5 --steps 20 --no-memory --json "$out/bench_wide_bf16.json" 2>&1 | grep -vE "^W[0-9]|INFO"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.tools.bench \
-  --rounds 5 --json "$out/bench_standard.json" 2>&1 | grep -vE "^W[0-9]|INFO"
+  --rounds 3 --json "$out/bench_standard.json" 2>&1 | grep -vE "^W[0-9]|INFO"
 # bf16 gradient compression changes the numerics: benchmarked on its own, never a default.
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.tools.bench \
-  dist.comm_hook=bf16 --rounds 3 --no-memory --json "$out/bench_bf16_hook.json" 2>&1 |
+  dist.comm_hook=bf16 --rounds 2 --no-memory --json "$out/bench_bf16_hook.json" 2>&1 |
   grep -E "^trainer|^reference|speedup|parameters"
 for f in "$out"/*/summary.json; do echo "$f: $(cat "$f" | tr -d '\n ')"; done
 part "done (target: 480 s)"
