@@ -29,7 +29,8 @@ def _ddp_options(job: Job) -> dict[str, Any]:
 
 
 class _Peer:
-    """What both peers share: the trainer's initial weights, optimizer, schedule and feed."""
+    """What both peers share: the trainer's initial weights, optimizer, schedule and feed,
+    and the step; each peer wraps the model and does the backward and clipping its way."""
 
     def __init__(self, job: Job):
         from dgxtrain.tools.bench import feed  # bench imports this module
@@ -43,6 +44,18 @@ class _Peer:
                                          t.min_lr_ratio)
         self.clip, self.feed = t.grad_clip or math.inf, feed(job)
         self.distributed = job.env.launcher != "single"
+        self.forward: torch.nn.Module = self.model  # the wrapped model, set by each peer
+
+    def step(self, step: int, clock: PhaseClock = NULL_CLOCK) -> None:
+        x, y = self.feed(step)[0]
+        clock.mark("data")
+        self.backward(torch.nn.functional.mse_loss(self.forward(x).float(), y))
+        clock.mark("fwd_bwd")
+        self.clip_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clock.mark("optim")
 
 
 class FabricLoop(_Peer):
@@ -62,17 +75,11 @@ class FabricLoop(_Peer):
         self.forward, self.optimizer = self.fabric.setup(self.model, self.optimizer)
         self.ddp = self.forward._forward_module  # the DDP itself, for the bench's timers
 
-    def step(self, step: int, clock: PhaseClock = NULL_CLOCK) -> None:
-        x, y = self.feed(step)[0]
-        clock.mark("data")
-        loss = torch.nn.functional.mse_loss(self.forward(x).float(), y)
+    def backward(self, loss: torch.Tensor) -> None:
         self.fabric.backward(loss)
-        clock.mark("fwd_bwd")
+
+    def clip_gradients(self) -> None:
         self.fabric.clip_gradients(self.forward, self.optimizer, max_norm=self.clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        clock.mark("optim")
 
 
 class AccelerateLoop(_Peer):
@@ -85,18 +92,13 @@ class AccelerateLoop(_Peer):
             mixed_precision="bf16" if job.cfg.trainer.precision == "bf16" else "no",
             kwargs_handlers=[DistributedDataParallelKwargs(**_ddp_options(job))])
         self.ddp, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.forward = self.ddp
 
-    def step(self, step: int, clock: PhaseClock = NULL_CLOCK) -> None:
-        x, y = self.feed(step)[0]
-        clock.mark("data")
-        loss = torch.nn.functional.mse_loss(self.ddp(x).float(), y)
+    def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
-        clock.mark("fwd_bwd")
+
+    def clip_gradients(self) -> None:
         self.accelerator.clip_grad_norm_(self.ddp.parameters(), self.clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        clock.mark("optim")
 
 
 PEERS = {"fabric": ("lightning_fabric", FabricLoop), "accelerate": ("accelerate", AccelerateLoop)}
