@@ -121,13 +121,18 @@ def broadcast_tensors(tree: Any, device: torch.device, bucket_bytes: int = 4 * 2
     if not _initialized():
         return tree
     main = tdist.get_rank() == 0
-    tensors: list[torch.Tensor] = []
-    skeleton = broadcast_object(_map_tensors(tree, lambda t: tensors.append(t) or _Slot(t))
-                                if main else None)
+    tensors: list[torch.Tensor] = []  # in the order _map_tensors visits them, on every rank
+
+    def take(t: torch.Tensor) -> _Slot:
+        tensors.append(t.to(device))
+        return _Slot(t)
+
+    def make(slot: _Slot) -> None:
+        tensors.append(torch.empty(slot.shape, dtype=slot.dtype, device=device))
+
+    skeleton = broadcast_object(_map_tensors(tree, take) if main else None)
     if not main:
-        _map_tensors(skeleton, lambda s: tensors.append(
-            torch.empty(s.shape, dtype=s.dtype, device=device)))
-    tensors = [t.to(device) for t in tensors]
+        _map_tensors(skeleton, make)
     for bucket in _buckets(tensors, bucket_bytes):
         if len(bucket) == 1 and bucket[0].is_contiguous():  # a large tensor: no copy
             tdist.broadcast(bucket[0], src=0)
