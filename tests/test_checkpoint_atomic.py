@@ -91,7 +91,7 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from dgxtrain import checkpoint
-    from dgxtrain.dist.collectives import process_group
+    from dgxtrain.dist.collectives import broadcast_tensors, process_group
     from dgxtrain.dist.env import DistEnv
     env, run_dir, out = DistEnv.from_env("cpu"), Path(sys.argv[1]), {}
 
@@ -136,6 +136,19 @@ SCRIPT = textwrap.dedent("""
         checkpoint.restore(chosen, env, meta, model, opt, sched)
         builtins.open = real_open
         out["restored"], out["opened"] = digest(model, opt), sorted(opened)
+        # The broadcast itself, on what a state dict may hold: dtypes interleaved, a scalar,
+        # an empty tensor, one above the bucket size, containers and plain values.
+        g = torch.Generator().manual_seed(0)
+        tree = {"a": [torch.randn(3, generator=g).bfloat16(), torch.tensor(7)],
+                "b": (torch.randn(2, 5, generator=g), "text", 3), "empty": torch.zeros(0),
+                "big": torch.randn(2**20 + 3, generator=g), "flags": torch.tensor([True, False]),
+                "c": torch.randn(4, generator=g).half(), "d": torch.randn(6, generator=g)}
+        got = broadcast_tensors(tree if env.rank == 0 else None, torch.device("cpu"))
+        pairs = [(got["a"][0], tree["a"][0]), (got["a"][1], tree["a"][1]),
+                 (got["b"][0], tree["b"][0]), *((got[k], tree[k]) for k in
+                                                ("empty", "big", "flags", "c", "d"))]
+        out["tree_equal"] = (all(x.dtype == y.dtype and torch.equal(x, y) for x, y in pairs)
+                             and got["b"][1:] == ("text", 3) and type(got["b"]) is tuple)
     (run_dir / f"result{env.rank}.json").write_text(json.dumps(out))
 """)
 
@@ -149,7 +162,8 @@ def test_errors_reach_every_rank_and_a_resume_reads_each_file_once(tmp_path):
                        env=clean_env(), capture_output=True, text=True, timeout=120)
     results = {r: json.loads(f.read_text()) for r in (0, 1)
                if (f := tmp_path / f"result{r}.json").exists()}
-    assert all(r.keys() >= {"restored"} for r in results.values()), p.stderr[-3000:]
+    assert results.keys() == {0, 1} and all("tree_equal" in r for r in results.values()), \
+        p.stderr[-3000:]
     errors = {"choose": "CheckpointError", "save": "CheckpointError"}
     assert [{k: r[k] for k in errors} for r in results.values()] == [errors, errors]
     # Rank 0's weights and AdamW state, bit for bit on both ranks (rank 1's own differed).
@@ -160,3 +174,4 @@ def test_errors_reach_every_rank_and_a_resume_reads_each_file_once(tmp_path):
     assert results[0]["opened"] == ["model.pt", "optim.pt", "rng-rank0.pt", "rng-rank1.pt",
                                     "state.pt"]
     assert results[1]["opened"] == ["rng-rank1.pt"]
+    assert results[0]["tree_equal"] and results[1]["tree_equal"]
