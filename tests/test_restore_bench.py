@@ -24,6 +24,7 @@ def test_restore_benchmark_on_two_ranks(tmp_path):
     r = json.loads(out.read_text())
     # 4 MiB of weights, and AdamW's two moments of the same size, plus the small files.
     assert 12 * 2**20 < r["checkpoint_bytes"] < 13 * 2**20 and r["world_size"] == 2
+    assert r["cold_cache"] is False  # only --cold empties the machine's page cache
     for way in r["ways"].values():
         assert len(way["runs"]) == 2 and all(run["s"] > 0 for run in way["runs"])
         assert way["median_s"] == pytest.approx(statistics.median(x["s"] for x in way["runs"]))

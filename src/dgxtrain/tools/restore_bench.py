@@ -1,13 +1,13 @@
-"""`torchrun --nproc_per_node=N -m dgxtrain.tools.restore_bench [--mb M] [--rounds R]
-[--json PATH]`: how a resume should read a checkpoint, measured on this machine's storage.
+"""`torchrun --nproc_per_node=N -m dgxtrain.tools.restore_bench [--mb M] [--rounds R] [--cold]
+[--dir D] [--json PATH]`: how a resume should read a checkpoint, measured on this storage.
 
 The checkpoint is an MLP of M MiB of fp32 weights with its AdamW state (3 x M MiB in all),
 saved by dgxtrain.checkpoint. Two ways to load it into every rank, in alternating rounds:
   - every rank reads: rank 0 reads each file to check its SHA-256, then every rank
     torch.loads model.pt and optim.pt itself (dgxtrain before issue 15);
   - rank 0 reads, once, and broadcasts: checkpoint.choose + checkpoint.restore (today's).
-Each round starts with a cold page cache where this process may drop it (root), so every
-read comes from the storage. Per way: the median wall time from the first rank's start to
+With --cold (as root) each round starts by dropping the machine's page cache, so every
+read comes from the storage; without it, reads after the first may come from the cache. Per way: the median wall time from the first rank's start to
 the last rank's finish, and the bytes read from storage over all ranks (/proc/self/io).
 On one node, reading once per node is the broadcast way; across nodes see
 docs/checkpoints.md.
@@ -42,6 +42,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dgxtrain.tools.restore_bench")
     p.add_argument("--mb", type=int, default=256, help="MiB of fp32 weights (default 256)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of each way (default 3)")
+    p.add_argument("--cold", action="store_true", help="drop the page cache before each "
+                   "way (root; it empties the whole machine's cache)")
     p.add_argument("--dir", type=Path, help="the storage to measure, shared by the ranks "
                    "(default: rank 0's scratch directory)")
     p.add_argument("--json", type=Path, help="write the results here as JSON")
@@ -118,11 +120,11 @@ def run(args: argparse.Namespace, env: DistEnv, run_dir: Path) -> dict[str, Any]
     ways = {"every rank reads": lambda: every_rank_reads(d, env, model, opt, sched),
             "rank 0 reads, broadcasts": lambda: rank0_broadcasts(run_dir, env, model, opt, sched)}
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
-    cold = True
+    cold = args.cold
     for r in range(args.rounds):
         order = list(ways) if r % 2 == 0 else list(reversed(ways))
         for name in order:
-            cold = drop_page_cache(env) and cold
+            cold = cold and drop_page_cache(env)
             rows[name].append(timed(ways[name], env))
     return {"world_size": env.world_size, "device": str(env.device), "backend": env.backend,
             "checkpoint_bytes": size, "cold_cache": cold, "rounds": args.rounds,
