@@ -65,3 +65,10 @@ def test_quick_benchmark_on_two_ranks(tmp_path):
                for k in ("num_samples_1000", "num_samples_1000000000")), m
     assert "speedup trainer / reference" in p.stdout and "busbw" in p.stdout
     assert png.stat().st_size > 20_000
+
+
+def test_a_peer_is_found_under_any_of_its_package_names():
+    from dgxtrain.tools import peers
+    assert peers._installed(("no_such_package", "json")) == "json"
+    assert peers._installed(("no_such_package.sub", "no_such_package")) is None
+    assert peers.FABRIC == ("lightning_fabric", "lightning.fabric")  # the image's `lightning`

@@ -61,8 +61,9 @@ class _Peer:
 class FabricLoop(_Peer):
     def __init__(self, job: Job):
         super().__init__(job)
-        from lightning_fabric import Fabric
-        from lightning_fabric.strategies import DDPStrategy
+        package = _installed(FABRIC)
+        Fabric = importlib.import_module(package).Fabric
+        DDPStrategy = importlib.import_module(f"{package}.strategies").DDPStrategy
         env = job.env
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         strategy = (DDPStrategy(process_group_backend=env.backend, **_ddp_options(job))
@@ -101,15 +102,29 @@ class AccelerateLoop(_Peer):
         self.accelerator.clip_grad_norm_(self.ddp.parameters(), self.clip)
 
 
-PEERS = {"fabric": ("lightning_fabric", FabricLoop), "accelerate": ("accelerate", AccelerateLoop)}
+# Fabric is its own package (lightning-fabric) and part of the `lightning` one.
+FABRIC = ("lightning_fabric", "lightning.fabric")
+PEERS = {"fabric": (FABRIC, FabricLoop), "accelerate": (("accelerate",), AccelerateLoop)}
+
+
+def _installed(modules: tuple[str, ...]) -> str | None:
+    """The first of these modules that can be imported here."""
+    for name in modules:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except ModuleNotFoundError:  # lightning.fabric without lightning
+            pass
+    return None
 
 
 def peer_loops(job: Job) -> tuple[dict[str, Any], dict[str, str]]:
     """The peer loops whose package is installed, and why each other one is left out."""
     loops, missing = {}, {}
-    for name, (package, loop) in PEERS.items():
-        if importlib.util.find_spec(package) is None:
-            missing[name] = f"{package} is not installed (pip install {package.replace('_', '-')})"
+    for name, (modules, loop) in PEERS.items():
+        if _installed(modules) is None:
+            missing[name] = (f"{' or '.join(modules)} is not installed (pip install "
+                             f"{modules[0].replace('_', '-')})")
             continue
         loops[name] = loop(job)
     return loops, missing
