@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgxtrain.checkpoint import CheckpointError, _sha256, verify
+from dgxtrain.checkpoint import CheckpointError, verify
+from dgxtrain.checkpoint.store import _sha256
 from dgxtrain.dist.preempt import StopRequests
 from dgxtrain.loop.train import train
 from tests.conftest import compose_cfg, read_metrics

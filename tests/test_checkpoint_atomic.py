@@ -43,10 +43,10 @@ def test_the_manifest_lists_what_every_rank_reported(tmp_path):
 
 def test_the_directory_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
     calls = []
-    real_rename, real_fsync_dir = checkpoint.os.rename, checkpoint._fsync_dir
-    monkeypatch.setattr(checkpoint.os, "rename",
+    real_rename, real_fsync_dir = checkpoint.store.os.rename, checkpoint.store._fsync_dir
+    monkeypatch.setattr(checkpoint.store.os, "rename",
                         lambda a, b: calls.append(("rename", Path(a).name)) or real_rename(a, b))
-    monkeypatch.setattr(checkpoint, "_fsync_dir",
+    monkeypatch.setattr(checkpoint.store, "_fsync_dir",
                         lambda p: calls.append(("fsync", Path(p).name)) or real_fsync_dir(p))
     assert _save(tmp_path, 4) is None
     assert calls.index(("fsync", ".tmp-step-4")) < calls.index(("rename", ".tmp-step-4"))
@@ -54,14 +54,14 @@ def test_the_directory_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
 
 def test_replacing_a_step_never_leaves_it_missing(tmp_path, monkeypatch):
     assert _save(tmp_path, 5) is None
-    real_rename = checkpoint.os.rename
+    real_rename = checkpoint.store.os.rename
 
     def rename(a, b):  # the publishing rename fails, as on a full or flaky file system
         if Path(a).name == ".tmp-step-5":
             raise OSError(5, "Input/output error (injected)", str(a))
         return real_rename(a, b)
 
-    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    monkeypatch.setattr(checkpoint.store.os, "rename", rename)
     assert "Input/output error" in _save(tmp_path, 5, model=None)
     found = checkpoint.find_latest(tmp_path / "checkpoints")
     assert found is not None and found.name == "step-5"

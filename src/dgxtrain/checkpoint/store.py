@@ -1,4 +1,4 @@
-"""Checkpoints that survive anything: atomic, verified, pruned without blocking.
+"""Checkpoints on storage: written atomically, verified, chosen, pruned without blocking.
 
 Layout: <run dir>/checkpoints/step-<N>/ holding model.pt, optim.pt, state.pt (rank 0),
 rng-rank<r>.pt (every rank) and manifest.json. Files are written into .tmp-step-<N>/ and
@@ -6,8 +6,8 @@ fsynced, each hashed as it is written; the manifest lists the files that must be
 0's and every rank's RNG state, as the ranks reported them, not as a directory listing on a
 shared file system shows them) with their sizes and SHA-256, and is written last; the
 directory is fsynced, then renamed into place. A directory without a valid manifest is
-never resumed from. A resume reads each file once, on rank 0: the checksum and the load come
-from the same bytes, and the weights and optimizer state are broadcast to the other ranks.
+never resumed from. Choosing a checkpoint reads each of rank 0's files once, and keeps the
+bytes for loading them (state.py).
 Everything is tensors and plain values, loaded with torch.load(weights_only=True).
 """
 
@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 
-from dgxtrain.dist.collectives import (all_agree, broadcast_object, broadcast_tensors,
-                                       gather_objects)
+from dgxtrain.dist.collectives import all_agree, broadcast_object, gather_objects
 from dgxtrain.dist.env import DistEnv
-from dgxtrain.rng import rng_state, set_rng_state
+from dgxtrain.rng import rng_state
 
 log = logging.getLogger(__name__)
 
@@ -351,78 +350,3 @@ def prune(root: Path, keep_last: int) -> None:
                 shutil.rmtree(d)
             except OSError as e:
                 log.warning("could not delete old checkpoint %s: %s", d, e)
-
-
-# --- what dgxtrain puts in a checkpoint, and takes back out ---------------------------
-
-# Settings that define the sample stream: a checkpoint continues only under the same ones.
-_MUST_MATCH = {"global_batch_size": "trainer.global_batch_size", "seed": "seed",
-               "num_samples": "data.num_samples"}
-
-
-def contents(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: Any, train_state: dict[str, Any],
-             tracker_state: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0's files: the unwrapped model, optimizer + LR schedule, loop and tracker state."""
-    return {"model.pt": model.state_dict(),
-            "optim.pt": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-            "state.pt": {"train_state": train_state, "tracker": tracker_state}}
-
-
-def _refuse(d: Path, what: str, saved: Any, now: Any, fix: str) -> CheckpointError:
-    return CheckpointError(f"{d} has {what}={saved}, this run has {now}; fix: {fix}, or "
-                           "checkpoint.resume=never to start fresh")
-
-
-def _load_on_rank0(chosen: Chosen, model: torch.nn.Module, device: torch.device
-                   ) -> tuple[Any, Any, Any]:
-    """model.pt (checked against the model's shapes), optim.pt and state.pt, from the bytes
-    read while verifying them."""
-    d, files = chosen.path, chosen.files
-    weights = load_file(d / "model.pt", device, files.pop("model.pt"))
-    mine = model.state_dict()
-    for key in sorted(mine.keys() | weights.keys()):
-        saved = tuple(weights[key].shape) if key in weights else "absent"
-        now = tuple(mine[key].shape) if key in mine else "absent"
-        if saved != now:
-            raise _refuse(d, f"model tensor {key} of shape", saved, now,
-                          "use the model.* settings the checkpoint was trained with")
-    return (weights, load_file(d / "optim.pt", device, files.pop("optim.pt")),
-            load_file(d / "state.pt", "cpu", files.pop("state.pt")))
-
-
-def restore(chosen: Chosen, env: DistEnv, meta: dict[str, Any], model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Load the chosen checkpoint into the model, optimizer and schedule; returns state.pt's
-    contents. Rank 0 loads the files it read to verify them and broadcasts them; the other
-    ranks read only their own RNG state. Shared storage serves one reader of the weights
-    and optimizer state, not one per GPU (docs/checkpoints.md has the measurement)."""
-    d = chosen.path
-    saved_meta = manifest(d)
-    for key, setting in _MUST_MATCH.items():
-        if saved_meta.get(key) != meta[key]:
-            raise _refuse(d, setting, saved_meta.get(key), meta[key],
-                          f"set {setting}={saved_meta.get(key)} to continue it")
-    loaded, error = None, None
-    if env.is_main:
-        try:
-            loaded = _load_on_rank0(chosen, model, env.device)
-        except CheckpointError as e:
-            error = str(e)
-    error = broadcast_object(error)  # the same error on every rank, or none
-    if error:
-        raise CheckpointError(error)
-    weights, opt = broadcast_tensors(loaded[:2] if loaded else None, env.device)
-    state = broadcast_object(loaded[2] if loaded else None)
-    model.load_state_dict(weights)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rng = d / f"rng-rank{env.rank}.pt"
-    if rng.is_file():
-        set_rng_state(load_file(rng, data=chosen.files.pop(rng.name, None)), env.device)
-    else:  # more ranks than saved this checkpoint: a fresh, still deterministic stream
-        torch.manual_seed(meta["seed"] * 1_000_003 + env.rank)
-        log.warning("%s has no RNG state for rank %d; seeded it afresh", d, env.rank)
-    log.info("resumed from %s: step %d, saved by %d ranks, now %d", d,
-             state["train_state"]["step"], saved_meta["world_size"], env.world_size)
-    return state
