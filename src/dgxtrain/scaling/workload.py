@@ -1,18 +1,20 @@
 """The model a run is about to train, as the scaling model sees it: its gradient buckets and
-its FLOPs, built from the same Hydra overrides as the run (scaling's CLI, the doctor)."""
+its FLOPs, built from the same Hydra overrides as the run (scaling's CLI), and the forecast
+for it from a measured GEMM rate and all-reduce curve (the doctor's --predict)."""
 
 from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from dgxtrain.dist.env import DistEnv
 from dgxtrain.faults import Watchdog
 from dgxtrain.observe.metrics import flops_per_sample
-from dgxtrain.scaling import model
+from dgxtrain.scaling import bandwidth, model
 from dgxtrain.tools import bench
 
 
@@ -57,3 +59,29 @@ def build(overrides: list[str], micro_batch: int | None = None) -> Workload:
     return Workload(micro, sum(p.numel() for p in job.model.parameters()), sizes,
                     model.buckets(sizes, int(job.cfg.dist.bucket_cap_mb * model.MiB)),
                     flops_per_sample(job.model, job.task.example()[0].to(env.device)))
+
+
+def forecast(overrides: list[str], tflops: float, mfu: float, rows: list[dict[str, float]],
+             world: int, latency_s: float, cuda: bool) -> dict[str, Any]:
+    """The scaling table for the run these overrides train, from a measured GEMM rate and,
+    if `rows` were measured over `world` ranks, their all-reduce curve (the doctor's)."""
+    w = build(overrides)
+    compute = w.compute(tflops, mfu)
+    curve = bandwidth.measured(rows, world, latency_s) if rows else None
+    # A CPU world is its own curve all the way (nothing published fits it); GPUs use the
+    # measured curve up to the world measured, the published DGX figures beyond it.
+    top = world if cuda else max(model.GPUS)
+    return {"overrides": overrides, **w.describe(), "gemm_tflops": tflops, "mfu": mfu,
+            "step_s": compute.step_s, "overlap": cuda, "latency_s": latency_s,
+            "table": model.table(compute, w.bucket_bytes, model.GPUS, cuda, curve, top)}
+
+
+def render_forecast(p: dict[str, Any]) -> list[str]:
+    if "error" in p:
+        return [f"scaling prediction: not made ({p['error']})"]
+    return [f"scaling prediction for {' '.join(p['overrides']) or 'the default job'}: "
+            f"{p['parameters']:,} parameters, {p['grad_bytes'] / 2**20:.1f} MiB of gradients in "
+            f"{len(p['bucket_bytes'])} buckets, {p['micro_batch_per_rank']} samples per GPU; "
+            f"step {p['step_s'] * 1e3:.2f} ms at {p['mfu']:g} of {p['gemm_tflops']:.3g} "
+            "TFLOP/s (python -m dgxtrain.scaling measures it instead)",
+            *("  " + line for line in model.render_table(p["table"]))]

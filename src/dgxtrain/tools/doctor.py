@@ -38,7 +38,7 @@ from dgxtrain.dist.collectives import broadcast_object, gather_objects, process_
 from dgxtrain.dist.env import DistEnv, cores_per_rank
 from dgxtrain.errors import DistEnvError
 from dgxtrain.observe import logs, peak
-from dgxtrain.scaling import bandwidth, model, workload
+from dgxtrain.scaling import workload
 from dgxtrain.tools import measure
 
 # Not __name__: that is "__main__" under python -m, outside the dgxtrain logger.
@@ -200,33 +200,6 @@ def check_busbw(ranks: list[dict[str, Any]], rows: list[dict[str, float]],
             "NCCL_P2P_DISABLE / NCCL_SHM_DISABLE / NCCL_P2P_LEVEL are unset"]
 
 
-def prediction(overrides: list[str], mfu: float, ranks: list[dict[str, Any]],
-               rows: list[dict[str, float]], latency_s: float, cuda: bool) -> dict[str, Any]:
-    """The scaling model's table for the run these overrides train, on this world's GEMM
-    rate (the median rank's) and all-reduce curve; published figures beyond this world."""
-    w = workload.build(overrides)
-    tflops = statistics.median(r["gemm_tflops"] for r in ranks)
-    compute = w.compute(tflops, mfu)
-    curve = bandwidth.measured(rows, len(ranks), latency_s) if rows else None
-    # A CPU world is its own curve all the way (nothing published fits it); GPUs use the
-    # measured curve up to the world measured, the published DGX figures beyond it.
-    top = len(ranks) if cuda else max(model.GPUS)
-    return {"overrides": overrides, **w.describe(), "gemm_tflops": tflops, "mfu": mfu,
-            "step_s": compute.step_s, "overlap": cuda, "latency_s": latency_s,
-            "table": model.table(compute, w.bucket_bytes, model.GPUS, cuda, curve, top)}
-
-
-def render_prediction(p: dict[str, Any]) -> list[str]:
-    if "error" in p:
-        return [f"scaling prediction: not made ({p['error']})"]
-    return [f"scaling prediction for {' '.join(p['overrides']) or 'the default job'}: "
-            f"{p['parameters']:,} parameters, {p['grad_bytes'] / 2**20:.1f} MiB of gradients in "
-            f"{len(p['bucket_bytes'])} buckets, {p['micro_batch_per_rank']} samples per GPU; "
-            f"step {p['step_s'] * 1e3:.2f} ms at {p['mfu']:g} of {p['gemm_tflops']:.3g} "
-            "TFLOP/s (python -m dgxtrain.scaling measures it instead)",
-            *("  " + line for line in model.render_table(p["table"]))]
-
-
 def render(rep: dict[str, Any]) -> str:
     """The human-readable report."""
     v, ranks, rows = rep["versions"], rep["ranks"], rep["allreduce"]
@@ -258,7 +231,7 @@ def render(rep: dict[str, Any]) -> str:
     lines.append("environment:" if rep["env"] else "environment: no NCCL/SLURM/launcher variables")
     lines += [f"  {k}={val}" for k, val in rep["env"].items()]
     if "prediction" in rep:
-        lines += render_prediction(rep["prediction"])
+        lines += workload.render_forecast(rep["prediction"])
     problems = rep["problems"]
     lines.append(f"problems ({len(problems)}):" if problems else "problems: none, OK")
     lines += [f"  - {p}" for p in problems]
@@ -346,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                    "allreduce": rows, "problems": problems, "ok": not problems}
             if args.predict:
                 try:
-                    rep["prediction"] = prediction(args.overrides, args.mfu, ranks, rows,
-                                                   latency_s, cuda)
+                    tflops = statistics.median(r["gemm_tflops"] for r in ranks)
+                    rep["prediction"] = workload.forecast(args.overrides, tflops, args.mfu,
+                                                          rows, len(ranks), latency_s, cuda)
                 except Exception as e:  # the checks stand; a prediction is a nice-to-have
                     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                     rep["prediction"] = {"error": f"{type(e).__name__}: {first}"}
