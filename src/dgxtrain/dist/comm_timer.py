@@ -41,20 +41,26 @@ class CommTimer:
     def __init__(self, inner: Callable[[Any, Any], torch.futures.Future], inner_state: Any,
                  event: Callable[..., Any] = torch.cuda.Event):
         self.inner, self.inner_state, self.event = inner, inner_state, event
+        # Two pairs of events, used in turn: a backward records into one while the other
+        # holds the last finished one's times. Made once: nothing is allocated per step.
+        self._pairs: list[tuple[Any, Any]] = []
+        self._turn = 0
         self._last: tuple[Any, Any] | None = None  # the last finished backward's
-        self._current: tuple[Any, Any] | None = None
 
     @staticmethod
     def hook(timer, bucket):  # noqa: ANN001, ANN205 (DDP checks a hook's annotations, if any)
-        start, end = timer.event(enable_timing=True), timer.event(enable_timing=True)
-        start.record()
-        if bucket.is_last():
-            timer._current = (start, end)
+        if not bucket.is_last():  # only the last bucket's hand-over and end are timed
+            return timer.inner(timer.inner_state, bucket)
+        if not timer._pairs:
+            timer._pairs = [(timer.event(enable_timing=True), timer.event(enable_timing=True))
+                            for _ in range(2)]
+        pair = timer._pairs[timer._turn]
+        timer._turn ^= 1
+        pair[0].record()
 
         def finished(fut):  # noqa: ANN001, ANN202
-            end.record()
-            if bucket.is_last():
-                timer._last = timer._current
+            pair[1].record()
+            timer._last = pair
             return fut.value()
 
         return timer.inner(timer.inner_state, bucket).then(finished)
