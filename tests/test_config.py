@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from dgxtrain.config import TrainerConfig, load
 from dgxtrain.errors import ConfigError
-from tests.conftest import CONF, ROOT, cli_args, clean_env, compose_cfg, free_port, run_cli
+from tests.conftest import CONF, ROOT, clean_env, cli_args, compose_cfg, free_port, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 

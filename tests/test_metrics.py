@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dgxtrain.observe.metrics import StepMeter, flops_per_sample, param_sha256
-from dgxtrain.tasks.regression import LinearRegressor, MLPRegressor
 from dgxtrain.observe.peak import peak_tflops
 from dgxtrain.observe.perf import seconds_since_launch
+from dgxtrain.tasks.regression import LinearRegressor, MLPRegressor
 
 
 def test_flops_per_sample_match_the_matmul_count():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dgxtrain.tools import report
 from dgxtrain.loop.train import train
+from dgxtrain.tools import report
 from tests.conftest import compose_cfg
 
 image = pytest.importorskip("matplotlib.image", reason="the plots extra (matplotlib)")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, clean_env, read_metrics, run_ok
 from dgxtrain.observe.wandb_records import read_run
+from tests.conftest import ROOT, clean_env, read_metrics, run_ok
 
 pytestmark = pytest.mark.slurm
 

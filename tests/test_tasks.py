@@ -20,7 +20,7 @@ from torch.utils.data import default_collate
 
 from dgxtrain.data.loader import SeededItems, sample_keys
 from dgxtrain.loop.train import train
-from tests.conftest import CONF, cli_args, clean_env, kill_tree, read_metrics, run_ok
+from tests.conftest import CONF, clean_env, cli_args, kill_tree, read_metrics, run_ok
 from tests.user_task import FlatCrossEntropy, NextSum, PairModel, write_config_dir
 
 pytestmark = pytest.mark.multiprocess

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import clean_env, free_port, read_metrics, run_cli, run_ok
 from dgxtrain.observe.trackers import redact
 from dgxtrain.observe.wandb_records import items, read_run, records
 from dgxtrain.observe.wandb_run import resolve_mode
+from tests.conftest import clean_env, free_port, read_metrics, run_cli, run_ok
 
 pytestmark = pytest.mark.multiprocess
 

@@ -20,8 +20,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dgxtrain.checks import Checked
 from dgxtrain.errors import ConfigError
-from dgxtrain.group_schemas import (AdamWConfig, DatasetDataConfig, LinearModelConfig,
-                                    MLPModelConfig, SGDConfig, SyntheticDataConfig)
+from dgxtrain.group_schemas import (
+    AdamWConfig,
+    DatasetDataConfig,
+    LinearModelConfig,
+    MLPModelConfig,
+    SGDConfig,
+    SyntheticDataConfig,
+)
 
 # --- the trainer's own sections -----------------------------------------------------
 

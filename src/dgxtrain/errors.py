@@ -10,9 +10,12 @@ from collections.abc import Iterator
 
 from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from omegaconf import DictConfig
-from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, OmegaConfBaseException,
-                              ValidationError)
-
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 
 class ConfigError(ValueError):

@@ -2,9 +2,19 @@
 storage; state.py says what goes in and restores it."""
 
 from dgxtrain.checkpoint.state import contents, restore
-from dgxtrain.checkpoint.store import (Chosen, CheckpointError, choose, find_latest,
-                                       finish_pruning, load_file, manifest, prune, root_of, save,
-                                       verify)
+from dgxtrain.checkpoint.store import (
+                                       CheckpointError,
+                                       Chosen,
+                                       choose,
+                                       find_latest,
+                                       finish_pruning,
+                                       load_file,
+                                       manifest,
+                                       prune,
+                                       root_of,
+                                       save,
+                                       verify,
+)
 
 __all__ = ["Chosen", "CheckpointError", "choose", "contents", "find_latest", "finish_pruning",
            "load_file", "manifest", "prune", "restore", "root_of", "save", "verify"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dgxtrain.checkpoint.store import Chosen, CheckpointError, load_file, manifest
+from dgxtrain.checkpoint.store import CheckpointError, Chosen, load_file, manifest
 from dgxtrain.dist.collectives import broadcast_object, broadcast_tensors
 from dgxtrain.dist.env import DistEnv
 from dgxtrain.rng import set_rng_state

@@ -24,13 +24,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from dgxtrain import checkpoint
 from dgxtrain.config import Config, TrainerConfig, load
-from dgxtrain.dist.collectives import (all_agree, broadcast_object, gather_objects, gather_rows,
-                                      process_group)
 from dgxtrain.dist import ddp
+from dgxtrain.dist.collectives import (
+    all_agree,
+    broadcast_object,
+    gather_objects,
+    gather_rows,
+    process_group,
+)
 from dgxtrain.dist.ddp import comm_wait_s
 from dgxtrain.dist.env import DistEnv, cores_per_rank, world_size_from_env
-from dgxtrain.dist.preempt import (EXIT_REQUEUE, Requeue, StopRequests, StopVote, control_dir,
-                                   job_end_time, report_exit)
+from dgxtrain.dist.preempt import (
+    EXIT_REQUEUE,
+    Requeue,
+    StopRequests,
+    StopVote,
+    control_dir,
+    job_end_time,
+    report_exit,
+)
 from dgxtrain.faults import Watchdog
 from dgxtrain.loop.build import Job, build_job, describe, distribute, resume, save_checkpoint
 from dgxtrain.loop.cadence import Cadence

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
+
 class PhaseClock:
     """Wall time of a step's phases. It waits for the device at each mark, so it is only
     used on log steps; the other steps get NULL_CLOCK, which does nothing.

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from dgxtrain.scaling import bandwidth, model
 
 
-
 @dataclass(frozen=True)
 class Case:
     name: str

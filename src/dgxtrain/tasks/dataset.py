@@ -11,8 +11,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from dgxtrain.data.loader import (LoaderFeed, SeededItems, StepSampler, check_picklable,
-                                  make_loader, sample_keys, to_device)
+from dgxtrain.data.loader import (
+    LoaderFeed,
+    SeededItems,
+    StepSampler,
+    check_picklable,
+    make_loader,
+    sample_keys,
+    to_device,
+)
 from dgxtrain.data.order import GlobalBatchSchedule
 from dgxtrain.errors import ConfigError, constructing
 from dgxtrain.tasks.base import Batch, Task

@@ -48,8 +48,8 @@ from dgxtrain.loop.guard import UpdateGuard
 from dgxtrain.loop.optim import build_scheduler
 from dgxtrain.loop.step import StepParts, train_step
 from dgxtrain.observe import logs
-from dgxtrain.observe.peak import measured_matmul_tflops, peak_tflops
 from dgxtrain.observe.metrics import flops_per_sample
+from dgxtrain.observe.peak import measured_matmul_tflops, peak_tflops
 from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
 from dgxtrain.tasks import Feed
 from dgxtrain.tools import measure
@@ -180,7 +180,7 @@ def phases(loop: Any, first: int, steps: int, device: torch.device) -> dict[str,
 def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> tuple[float, float]:
     """(largest absolute difference, largest norm of the difference relative to the norm)."""
     worst_abs, worst_rel = 0.0, 0.0
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters()):
         d = (p.detach().float() - q.detach().float())
         worst_abs = max(worst_abs, d.abs().max().item())
         worst_rel = max(worst_rel, (d.norm() / q.detach().float().norm().clamp_min(1e-30)).item())
