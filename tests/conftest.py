@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dgxtrain import config
-from dgxtrain.dist.env import register_resolvers
+from dgxtrain.distributed.env import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

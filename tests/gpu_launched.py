@@ -12,10 +12,10 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dgxtrain.dist import ddp
-from dgxtrain.dist.collectives import gather_objects
-from dgxtrain.dist.comm_timer import CommTimer
-from dgxtrain.dist.env import DistEnv
+from dgxtrain.distributed import ddp
+from dgxtrain.distributed.collectives import gather_objects
+from dgxtrain.distributed.comm_timer import CommTimer
+from dgxtrain.distributed.env import DistEnv
 from dgxtrain.loop.build import distribute
 from dgxtrain.tools import bench, measure
 

@@ -9,7 +9,7 @@ import torch
 
 from dgxtrain.checkpoint import CheckpointError, verify
 from dgxtrain.checkpoint.store import _sha256
-from dgxtrain.dist.preempt import StopRequests
+from dgxtrain.distributed.preempt import StopRequests
 from dgxtrain.loop.train import train
 from tests.conftest import compose_cfg, read_metrics
 

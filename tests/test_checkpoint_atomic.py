@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dgxtrain import checkpoint
-from dgxtrain.dist.env import DistEnv
+from dgxtrain.distributed.env import DistEnv
 from tests.conftest import ROOT, clean_env, free_port
 
 CPU = torch.device("cpu")
@@ -91,8 +91,8 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from dgxtrain import checkpoint
-    from dgxtrain.dist.collectives import broadcast_tensors, process_group
-    from dgxtrain.dist.env import DistEnv
+    from dgxtrain.distributed.collectives import broadcast_tensors, process_group
+    from dgxtrain.distributed.env import DistEnv
     env, run_dir, out = DistEnv.from_env("cpu"), Path(sys.argv[1]), {}
 
     def digest(model, opt):

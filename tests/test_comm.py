@@ -17,11 +17,11 @@ import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dgxtrain.dist import ddp
-from dgxtrain.dist.comm_timer import CommTimer, HostEvent
-from dgxtrain.dist.env import DistEnv, cores_per_rank
+from dgxtrain.distributed import ddp
+from dgxtrain.distributed.comm_timer import CommTimer, HostEvent
+from dgxtrain.distributed.env import DistEnv, cores_per_rank
 from dgxtrain.errors import ConfigError
-from dgxtrain.observe.metrics import param_sha256
+from dgxtrain.observe.model_stats import param_sha256
 from tests.conftest import ADAMW, SMALL, clean_env, free_port, run_cli
 
 
@@ -85,11 +85,11 @@ DECISION_SCRIPT = """
 import gc, json, math, sys
 import torch, torch.distributed as tdist
 from dgxtrain.config import DistConfig
-from dgxtrain.dist import ddp
-from dgxtrain.dist.collectives import process_group
-from dgxtrain.dist.env import DistEnv
+from dgxtrain.distributed import ddp
+from dgxtrain.distributed.collectives import process_group
+from dgxtrain.distributed.env import DistEnv
 from dgxtrain.loop.step import train_step
-from dgxtrain.observe.metrics import param_sha256
+from dgxtrain.observe.model_stats import param_sha256
 from tests.test_step import make_parts
 env = DistEnv.from_env("cpu")
 with process_group(env, timeout_s=60):

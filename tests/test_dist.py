@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dgxtrain.dist import slurm
-from dgxtrain.dist.env import DistEnv, shared_run_id
+from dgxtrain.distributed import slurm
+from dgxtrain.distributed.env import DistEnv, shared_run_id
 from dgxtrain.errors import DistEnvError
 
 TORCHRUN = dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="node1",

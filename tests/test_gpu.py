@@ -141,7 +141,7 @@ def test_the_stop_vote_reads_its_sums_through_pinned_memory_without_a_sync_call(
 
     import torch.distributed as tdist
 
-    from dgxtrain.dist.preempt import StopVote
+    from dgxtrain.distributed.preempt import StopVote
     from tests.conftest import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

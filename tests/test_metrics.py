@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgxtrain.observe.metrics import StepMeter, flops_per_sample, param_sha256
+from dgxtrain.observe.model_stats import flops_per_sample, param_sha256
 from dgxtrain.observe.peak import peak_tflops
-from dgxtrain.observe.perf import seconds_since_launch
+from dgxtrain.observe.perf import StepMeter, seconds_since_launch
 from dgxtrain.tasks.regression import LinearRegressor, MLPRegressor
 
 

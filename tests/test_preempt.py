@@ -17,7 +17,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from dgxtrain.dist.preempt import EXIT_REQUEUE, StopRequests, StopVote
+from dgxtrain.distributed.preempt import EXIT_REQUEUE, StopRequests, StopVote
 from tests.conftest import ROOT, clean_env, cli_args, free_port, run_ok
 
 SMALL = ["data.dim=16", "model.hidden_dim=32", "trainer.global_batch_size=64",

@@ -4,8 +4,8 @@ import datetime
 
 import pytest
 
-from dgxtrain.dist import slurm
-from dgxtrain.dist.preempt import deadline_near, job_end_time
+from dgxtrain.distributed import slurm
+from dgxtrain.distributed.preempt import deadline_near, job_end_time
 
 
 @pytest.mark.parametrize("hostlist,hosts", [

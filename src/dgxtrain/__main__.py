@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 
 from dgxtrain import config, errors
 from dgxtrain.checkpoint import CheckpointError
-from dgxtrain.dist import preempt
-from dgxtrain.dist.env import env_rank, register_resolvers, shared_run_id
-from dgxtrain.dist.preempt import Requeue
+from dgxtrain.distributed import preempt
+from dgxtrain.distributed.env import env_rank, register_resolvers, shared_run_id
+from dgxtrain.distributed.preempt import Requeue
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXIT_CONFIG_ERROR = 2

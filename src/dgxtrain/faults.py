@@ -1,4 +1,4 @@
-"""Failures on purpose (fault injection) and failures explained (the hang watchdog).
+"""Failures on purpose: fault injection for tests and drills.
 
 An injected fault fires once per run dir: a marker file under <run dir>/faults/ records
 it, so the restarted job does not fire it again and can show that it recovers.
@@ -7,14 +7,11 @@ it, so the restarted job does not fire it again and can show that it recovers.
 from __future__ import annotations
 
 import errno
-import faulthandler
 import logging
 import math
 import os
-import signal
 import time
 from pathlib import Path
-from typing import IO
 
 import torch
 
@@ -82,45 +79,3 @@ class Faults:
         # The first file of a save fails, and with it the save.
         if self._fires("enospc_at_step", step, self.enospc_saves):
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
-
-
-class Watchdog:
-    """Ends a process that stops making progress, after writing every thread's stack.
-
-    faulthandler's timer runs in its own C thread: it fires even while Python is blocked
-    inside a collective or a GPU wait, where a Python-level timer could not run.
-    """
-
-    def __init__(self, run_dir: Path, rank: int):
-        self.path = run_dir / "stacks" / f"rank{rank}.txt"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(self.path, "w")
-        # torchrun ends the surviving ranks with SIGTERM when one fails: they leave stacks
-        # too, dumped from C even while Python is blocked in a collective. Then it chains to
-        # the handler in place, the stop request's (preempt.py): install that one first.
-        faulthandler.register(signal.SIGTERM, file=self._file, all_threads=True, chain=True)
-
-    def __enter__(self) -> Watchdog:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        # A run that ended well after a SIGTERM (a preemption, saved) hung nowhere.
-        self.close(keep_stacks=exc_type is not None)
-
-    def arm(self, seconds: float) -> None:
-        if self._file is not None:
-            faulthandler.dump_traceback_later(seconds, exit=True, file=self._file)
-
-    def close(self, keep_stacks: bool = True) -> None:
-        """Disarm; a clean exit leaves no stack file behind."""
-        faulthandler.cancel_dump_traceback_later()
-        faulthandler.unregister(signal.SIGTERM)
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            if not keep_stacks or self.path.stat().st_size == 0:
-                self.path.unlink()
-                try:
-                    self.path.parent.rmdir()
-                except OSError:  # another rank's file is still there
-                    pass

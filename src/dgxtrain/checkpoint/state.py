@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
+from dgxtrain.checkpoint.rng import set_rng_state
 from dgxtrain.checkpoint.store import CheckpointError, Chosen, load_file, manifest
-from dgxtrain.dist.collectives import broadcast_object, broadcast_tensors
-from dgxtrain.dist.env import DistEnv
-from dgxtrain.rng import set_rng_state
+from dgxtrain.distributed.collectives import broadcast_object, broadcast_tensors
+from dgxtrain.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from dgxtrain.dist.collectives import all_agree, broadcast_object, gather_objects
-from dgxtrain.dist.env import DistEnv
-from dgxtrain.rng import rng_state
+from dgxtrain.checkpoint.rng import rng_state
+from dgxtrain.distributed.collectives import all_agree, broadcast_object, gather_objects
+from dgxtrain.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
 

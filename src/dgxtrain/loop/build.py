@@ -21,14 +21,15 @@ from hydra.utils import instantiate
 from dgxtrain import __version__, checkpoint
 from dgxtrain.config import Config, RunSpec
 from dgxtrain.data.loader import to_device
-from dgxtrain.dist import ddp
-from dgxtrain.dist.collectives import all_agree
-from dgxtrain.dist.ddp import grad_sync
-from dgxtrain.dist.env import DistEnv
+from dgxtrain.distributed import ddp
+from dgxtrain.distributed.collectives import all_agree
+from dgxtrain.distributed.ddp import grad_sync
+from dgxtrain.distributed.env import DistEnv
+from dgxtrain.distributed.watchdog import Watchdog
 from dgxtrain.errors import ConfigError, constructing
-from dgxtrain.faults import Faults, Watchdog
+from dgxtrain.faults import Faults
 from dgxtrain.loop.optim import build_optimizer, build_scheduler
-from dgxtrain.observe.metrics import count_parameters, flops_per_sample
+from dgxtrain.observe.model_stats import count_parameters, flops_per_sample
 from dgxtrain.observe.peak import peak_tflops
 from dgxtrain.observe.trackers import NullTracker
 from dgxtrain.tasks import Task, TaskLoss, build_task
@@ -119,7 +120,7 @@ def distribute(job: Job, hosts: list[str]) -> torch.nn.Module:
                            uses_no_sync=job.spec.grad_accum_steps > 1 or job.cfg.trainer.compile)
         # DDP times forward, backward and the gradient all-reduce on sampled iterations:
         # once per log interval, for the comm wait of CPU ranks (GPUs time theirs with
-        # events: dist/comm_timer.py) and the straggler metrics. A private API:
+        # events: distributed/comm_timer.py) and the straggler metrics. A private API:
         # without it, comm_wait_s reads 0 (ddp.comm_wait_s) and the log says so.
         sample = getattr(wrapped, "_set_ddp_runtime_logging_sample_rate", None)
         if sample is not None and hasattr(wrapped, "_get_ddp_logging_data"):

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from dgxtrain.dist.collectives import all_reduce_
-from dgxtrain.dist.env import DistEnv
+from dgxtrain.distributed.collectives import all_reduce_
+from dgxtrain.distributed.env import DistEnv
 from dgxtrain.tasks import Task
 
 

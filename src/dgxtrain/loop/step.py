@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dgxtrain.dist.collectives import all_reduce_
-from dgxtrain.dist.ddp import grad_sync
+from dgxtrain.distributed.collectives import all_reduce_
+from dgxtrain.distributed.ddp import grad_sync
 from dgxtrain.loop.guard import UpdateGuard
 from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
 from dgxtrain.tasks import Task

@@ -24,17 +24,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from dgxtrain import checkpoint
 from dgxtrain.config import Config, TrainerConfig, load
-from dgxtrain.dist import ddp
-from dgxtrain.dist.collectives import (
+from dgxtrain.distributed import ddp
+from dgxtrain.distributed.collectives import (
     all_agree,
     broadcast_object,
     gather_objects,
     gather_rows,
     process_group,
 )
-from dgxtrain.dist.ddp import comm_wait_s
-from dgxtrain.dist.env import DistEnv, cores_per_rank, world_size_from_env
-from dgxtrain.dist.preempt import (
+from dgxtrain.distributed.ddp import comm_wait_s
+from dgxtrain.distributed.env import DistEnv, cores_per_rank, world_size_from_env
+from dgxtrain.distributed.preempt import (
     EXIT_REQUEUE,
     Requeue,
     StopRequests,
@@ -43,15 +43,22 @@ from dgxtrain.dist.preempt import (
     job_end_time,
     report_exit,
 )
-from dgxtrain.faults import Watchdog
+from dgxtrain.distributed.watchdog import Watchdog
 from dgxtrain.loop.build import Job, build_job, describe, distribute, resume, save_checkpoint
 from dgxtrain.loop.cadence import Cadence
 from dgxtrain.loop.evaluate import evaluate
 from dgxtrain.loop.guard import Reading, UpdateGuard
 from dgxtrain.loop.step import StepParts, train_step
 from dgxtrain.observe import logs
-from dgxtrain.observe.metrics import StepMeter, param_sha256
-from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock, local_row, log_row, seconds_since_launch
+from dgxtrain.observe.model_stats import param_sha256
+from dgxtrain.observe.perf import (
+    NULL_CLOCK,
+    PhaseClock,
+    StepMeter,
+    local_row,
+    log_row,
+    seconds_since_launch,
+)
 from dgxtrain.observe.trackers import NullTracker, build_tracker, redact, run_identity
 from dgxtrain.tasks import Feed
 

@@ -1,5 +1,5 @@
-"""What a step costs: its phases and which rank holds the others up. Measured on log steps
-only, where a host sync is allowed."""
+"""What a step costs: the pace between log steps, its phases, and which rank holds the
+others up. Measured on log steps only, where a host sync is allowed."""
 
 from __future__ import annotations
 
@@ -119,3 +119,20 @@ def log_row(rows: list[list[float]], step_time_s: float, flops_per_step: float |
     return {**out, **stragglers(busy, hosts)}
 
 
+class StepMeter:
+    """Wall time between log steps. Read it only after a host sync (the loss .item())."""
+
+    def __init__(self, samples_per_step: int, step: int = 0):
+        self.samples_per_step = samples_per_step
+        self._step, self._t = step, time.perf_counter()
+        self.start = self._t
+
+    def tick(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps, dt = step - self._step, now - self._t
+        self._step, self._t = step, now
+        return {"step_time_s": dt / max(steps, 1),
+                "samples_per_s": steps * self.samples_per_step / dt if dt > 0 else 0.0}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

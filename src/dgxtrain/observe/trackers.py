@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dgxtrain.dist import slurm
-from dgxtrain.dist.env import shared_run_id
+from dgxtrain.distributed import slurm
+from dgxtrain.distributed.env import shared_run_id
 from dgxtrain.files import finite, write_json_atomic
 from dgxtrain.observe import logs
 

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from dgxtrain.dist import ddp
-from dgxtrain.dist.collectives import all_reduce_, broadcast_object, gather_objects
-from dgxtrain.dist.comm_timer import CommTimer
-from dgxtrain.dist.env import DistEnv, cores_per_rank
-from dgxtrain.faults import Watchdog
+from dgxtrain.distributed import ddp
+from dgxtrain.distributed.collectives import all_reduce_, broadcast_object, gather_objects
+from dgxtrain.distributed.comm_timer import CommTimer
+from dgxtrain.distributed.env import DistEnv, cores_per_rank
+from dgxtrain.distributed.watchdog import Watchdog
 from dgxtrain.loop.build import Job, distribute
 from dgxtrain.observe import logs
 from dgxtrain.scaling import bandwidth, model, published, workload

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from dgxtrain.dist.env import DistEnv
-from dgxtrain.faults import Watchdog
-from dgxtrain.observe.metrics import flops_per_sample
+from dgxtrain.distributed.env import DistEnv
+from dgxtrain.distributed.watchdog import Watchdog
+from dgxtrain.observe.model_stats import flops_per_sample
 from dgxtrain.scaling import bandwidth, model
 from dgxtrain.tools import bench
 

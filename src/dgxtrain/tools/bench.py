@@ -37,18 +37,18 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dgxtrain import config
-from dgxtrain.dist import ddp
-from dgxtrain.dist.collectives import all_reduce_, gather_objects
-from dgxtrain.dist.env import DistEnv, cores_per_rank, register_resolvers
-from dgxtrain.dist.preempt import StopVote
-from dgxtrain.faults import Watchdog
+from dgxtrain.distributed import ddp
+from dgxtrain.distributed.collectives import all_reduce_, gather_objects
+from dgxtrain.distributed.env import DistEnv, cores_per_rank, register_resolvers
+from dgxtrain.distributed.preempt import StopVote
+from dgxtrain.distributed.watchdog import Watchdog
 from dgxtrain.loop.build import Job, build_job, distribute, make_autocast
 from dgxtrain.loop.cadence import Cadence
 from dgxtrain.loop.guard import UpdateGuard
 from dgxtrain.loop.optim import build_scheduler
 from dgxtrain.loop.step import StepParts, train_step
 from dgxtrain.observe import logs
-from dgxtrain.observe.metrics import flops_per_sample
+from dgxtrain.observe.model_stats import flops_per_sample
 from dgxtrain.observe.peak import measured_matmul_tflops, peak_tflops
 from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
 from dgxtrain.tasks import Feed

@@ -9,10 +9,9 @@ import ast
 import sys
 from pathlib import Path
 
-import dgxtrain.config
-import dgxtrain.group_schemas
+from dgxtrain.config import groups, schemas
 
-SOURCES = [Path(dgxtrain.config.__file__), Path(dgxtrain.group_schemas.__file__)]
+SOURCES = [Path(schemas.__file__), Path(groups.__file__)]
 DOC = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
 # (heading, the group file that selects it) for the schemas of the _target_ groups.
 GROUPS = {"LinearModelConfig": "model=linear", "MLPModelConfig": "model=mlp",
@@ -73,7 +72,7 @@ def _table(section: str, rows: list[tuple]) -> list[str]:
 def render() -> str:
     classes = {k: v for src in SOURCES for k, v in _classes(ast.parse(src.read_text())).items()}
     lines = ["# Configuration reference", "",
-             "Generated from the schemas in `src/dgxtrain/config.py` and `group_schemas.py` by "
+             "Generated from the schemas in `src/dgxtrain/config/schemas.py` and `groups.py` by "
              "`python -m dgxtrain.tools.configdoc`; a test fails when it is stale. Every key "
              "is a Hydra override: `python -m dgxtrain trainer.max_steps=200 optim.lr=3e-4`. "
              "A bad value fails before any GPU work, with one line naming the key and the fix.",
@@ -81,7 +80,7 @@ def render() -> str:
     for name in ("Config", "TrainerConfig", "CheckpointConfig", "DistConfig",
                  "PreemptionConfig", "FaultConfig", "LoggerConfig"):
         section, rows = _fields(classes[name], classes)
-        rows = [r for r in rows if r[0] not in dgxtrain.config.SECTIONS]  # their own tables
+        rows = [r for r in rows if r[0] not in schemas.SECTIONS]  # their own tables
         lines += [f"## `{section or 'top level'}`", ""] + _table(section, rows) + [""]
     lines += ["## The `_target_` groups", "",
               "`model`, `data` and `optim` are instantiated from their `_target_`; the other "

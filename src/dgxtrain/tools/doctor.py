@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from dgxtrain.dist.collectives import broadcast_object, gather_objects, process_group
-from dgxtrain.dist.env import DistEnv, cores_per_rank
+from dgxtrain.distributed.collectives import broadcast_object, gather_objects, process_group
+from dgxtrain.distributed.env import DistEnv, cores_per_rank
 from dgxtrain.errors import DistEnvError
 from dgxtrain.observe import logs, peak
 from dgxtrain.scaling import workload

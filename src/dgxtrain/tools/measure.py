@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from dgxtrain.dist.collectives import all_reduce_, broadcast_object, process_group
-from dgxtrain.dist.env import DistEnv
-from dgxtrain.faults import Watchdog
+from dgxtrain.distributed.collectives import all_reduce_, broadcast_object, process_group
+from dgxtrain.distributed.env import DistEnv
+from dgxtrain.distributed.watchdog import Watchdog
 
 
 @contextlib.contextmanager

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as tdist
 
 from dgxtrain import checkpoint
-from dgxtrain.dist.collectives import all_reduce_, broadcast_object
-from dgxtrain.dist.env import DistEnv
+from dgxtrain.distributed.collectives import all_reduce_, broadcast_object
+from dgxtrain.distributed.env import DistEnv
 from dgxtrain.observe import logs
 from dgxtrain.tools import measure
 

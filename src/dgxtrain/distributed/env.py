@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dgxtrain.dist import slurm
+from dgxtrain.distributed import slurm
 from dgxtrain.errors import DistEnvError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

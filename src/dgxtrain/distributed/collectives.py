@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from dgxtrain.dist.env import DistEnv
+from dgxtrain.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
 

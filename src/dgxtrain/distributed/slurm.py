@@ -2,7 +2,7 @@
 
 Standard library only: the batch script runs this file with the host's python3, outside any
 container and before the venv matters:
-    eval "$(python3 src/dgxtrain/dist/slurm.py env)"
+    eval "$(python3 src/dgxtrain/distributed/slurm.py env)"
 prints MASTER_ADDR, MASTER_PORT, DGXTRAIN_RUN_ID and DGXTRAIN_JOB_END_TIME as exports.
 """
 

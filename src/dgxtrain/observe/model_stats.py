@@ -1,10 +1,10 @@
-"""Step timing and throughput, FLOP counts, parameter fingerprints."""
+"""What the trainer tells about a model: its parameter count, its FLOPs per sample, and the
+fingerprint of its weights."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from typing import Any
 
 import torch
@@ -45,22 +45,3 @@ def param_sha256(model: torch.nn.Module) -> str:
     for t in model.state_dict().values():
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-class StepMeter:
-    """Wall time between log steps. Read it only after a host sync (the loss .item())."""
-
-    def __init__(self, samples_per_step: int, step: int = 0):
-        self.samples_per_step = samples_per_step
-        self._step, self._t = step, time.perf_counter()
-        self.start = self._t
-
-    def tick(self, step: int) -> dict[str, float]:
-        now = time.perf_counter()
-        steps, dt = step - self._step, now - self._t
-        self._step, self._t = step, now
-        return {"step_time_s": dt / max(steps, 1),
-                "samples_per_s": steps * self.samples_per_step / dt if dt > 0 else 0.0}
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start

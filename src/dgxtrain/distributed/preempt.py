@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from dgxtrain.dist import slurm
+from dgxtrain.distributed import slurm
 from dgxtrain.files import write_json_atomic
 
 log = logging.getLogger(__name__)

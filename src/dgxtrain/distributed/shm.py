@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from dgxtrain.dist.collectives import all_agree, broadcast_object
-from dgxtrain.dist.env import DistEnv
+from dgxtrain.distributed.collectives import all_agree, broadcast_object
+from dgxtrain.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ DDP splits the gradients into buckets and all-reduces each as soon as the backwa
 has filled it. On GPUs NCCL does that on its own stream, behind the rest of the backward;
 on CPU ranks gloo does it. `dist.comm_hook=auto` takes the backend's own all-reduce on
 every device, so CPU runs test the path GPU runs take; on GPUs it runs inside a hook that
-times it with CUDA events (dist/comm_timer.py). Two hooks are opt-in: bf16 compression
-(NCCL) and the shared-memory sum for CPU ranks on one host (dist/shm.py).
+times it with CUDA events (distributed/comm_timer.py). Two hooks are opt-in: bf16 compression
+(NCCL) and the shared-memory sum for CPU ranks on one host (distributed/shm.py).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dgxtrain.config import DistConfig
-from dgxtrain.dist.comm_timer import CommTimer
-from dgxtrain.dist.env import DistEnv
-from dgxtrain.dist.shm import ShmAllReduce
+from dgxtrain.distributed.comm_timer import CommTimer
+from dgxtrain.distributed.env import DistEnv
+from dgxtrain.distributed.shm import ShmAllReduce
 from dgxtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractConte
 
 def comm_wait_s(model: torch.nn.Module) -> float:
     """How long a recent all-reducing backward waited for its all-reduce after its own
-    compute ended: on GPUs the device's events around the last bucket (dist/comm_timer.py);
+    compute ended: on GPUs the device's events around the last bucket (distributed/comm_timer.py);
     the shared-memory hook's barrier time in the last backward; or on CPU what DDP's runtime
     logging sampled (DDP files a sampled step's figures at the next forward, so they are of
     an earlier step). 0 where there is no DDP."""

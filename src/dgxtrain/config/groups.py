@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
-from dgxtrain.checks import Checked
+from dgxtrain.config.checks import Checked
 
 
 @dataclass
