@@ -19,6 +19,9 @@ if ! "$PY" -c 'import hydra, omegaconf, wandb' 2>/dev/null; then
   [[ -d .whl ]] || { echo "no hydra/omegaconf/wandb here and no .whl/: run scripts/gpu_wheels.sh where pip works, and bring .whl/ along" >&2; exit 2; }
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/dgxtrain-site .whl/*.whl || exit 2
+  # The configuration is the package dgxtrain.conf, which the wheel and an editable
+  # install map to conf/; from the source tree a link does it.
+  [[ -e src/dgxtrain/conf ]] || ln -s ../../conf src/dgxtrain/conf
   export PYTHONPATH=/tmp/dgxtrain-site:$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export WANDB_MODE=${WANDB_MODE:-offline}
@@ -26,7 +29,8 @@ part() { echo "[gpu_check] ${SECONDS}s: $*"; }
 nvidia-smi -L
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version())'
 part "the gpu tests"
-"$PY" -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$out/pytest.log"
+# Required here: a GPU test that would skip fails instead.
+DGXTRAIN_REQUIRE_GPU=1 "$PY" -m pytest -q -m gpu tests bench/tests 2>&1 | tee "$out/pytest.log"
 status=${PIPESTATUS[0]}
 part "the default job"
 # The default job on one process (device auto -> cuda), then on every GPU via torchrun.
@@ -45,13 +49,13 @@ gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 part "the benchmarks"
 # The benchmark on the wide MLP (hidden 8192), bf16 autocast + torch.compile: MFU against
 # the data sheet's dense bf16 peak (989 TFLOP/s on H100/H200), and the standard workload.
-"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.tools.bench \
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m bench.train_bench \
   model.hidden_dim=8192 trainer.precision=bf16 trainer.compile=true --micro-batch 4096 \
   --rounds 5 --steps 20 --no-memory --json "$out/bench_wide_bf16.json" 2>&1 | grep -vE "^W[0-9]|INFO"
-"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.tools.bench \
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m bench.train_bench \
   --rounds 3 --json "$out/bench_standard.json" 2>&1 | grep -vE "^W[0-9]|INFO"
 # bf16 gradient compression changes the numerics: benchmarked on its own, never a default.
-"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m dgxtrain.tools.bench \
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" -m bench.train_bench \
   dist.comm_hook=bf16 --rounds 2 --no-memory --json "$out/bench_bf16_hook.json" 2>&1 |
   grep -E "^trainer|^reference|speedup|parameters"
 for f in "$out"/*/summary.json; do echo "$f: $(cat "$f" | tr -d '\n ')"; done

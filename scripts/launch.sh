@@ -3,7 +3,7 @@
 #   scripts/launch.sh [hydra overrides...]
 # NPROC overrides the process count; DGXTRAIN_PYTHON the interpreter (default: the venv's
 # python, else python3); TORCHRUN_ARGS adds torchrun options (e.g. --numa-binding=node);
-# DGXTRAIN_MODULE runs another entry point the same way (dgxtrain.tools.doctor, dgxtrain.tools.bench).
+# DGXTRAIN_MODULE runs another entry point the same way (dgxtrain.tools.doctor, bench.train_bench).
 # Alone, --standalone picks a free rendezvous port, so two jobs on one machine never
 # collide on a fixed 29500. As one task per node of an srun step (slurm/train.sbatch), the
 # nodes meet at MASTER_ADDR:MASTER_PORT, node rank = SLURM_NODEID.

@@ -15,7 +15,7 @@ extras="[examples]"  # the example tasks' data (docs/tasks.md)
 say() { echo "[setup] $*" >&2; }
 
 stamp="$VENV/.dgxtrain-setup"
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)$extras"
+want="$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -c1-16)$extras"
 if [[ -f "$stamp" ]] && grep -qxF "$want" "$stamp"; then exit 0; fi
 
 # --system-site-packages: the venv sees a preinstalled torch instead of downloading one.

@@ -11,15 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from dgxtrain import config
+from dgxtrain.config import compose
 from dgxtrain.distributed.env import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-config.register_configs()
 register_resolvers()
 
 # Launcher variables of an outer job must not leak into the processes tests start; nor the
@@ -30,8 +28,7 @@ _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
 
 
 def compose_cfg(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(overrides)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -1,6 +1,7 @@
-"""Run by tests/test_gpu.py under `torchrun --nproc_per_node=1`: dgxtrain's step as train()
+"""Run by tests/test_gpu.py under `torchrun --nproc_per_node=1`: dgxtrain's loop as train()
 builds it (NCCL process group, DDP, torch.compile, the bf16 gradient hook timed by CUDA
-events, the stop vote), its host syncs counted over steps that decide nothing.
+events, the stop vote, every component), its host syncs counted over steps that decide
+nothing.
     gpu_launched.py OUT_JSON"""
 
 import json
@@ -12,32 +13,28 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from bench.common import TrainerLoop, build, tool_world
 from dgxtrain.distributed import ddp
 from dgxtrain.distributed.collectives import gather_objects
 from dgxtrain.distributed.comm_timer import CommTimer
 from dgxtrain.distributed.env import DistEnv
-from dgxtrain.loop.build import distribute
-from dgxtrain.tools import bench, measure
 
 OVERRIDES = ["data.dim=256", "model.hidden_dim=1024", "trainer.precision=bf16",
              "trainer.compile=true", "dist.comm_hook=bf16", "trainer.log_every=1000",
              "checkpoint.every_steps=1000", "trainer.eval_every=0", "logger=none"]
 
 env = DistEnv.from_env("cuda")
-with measure.tool_world(env, "dgxtrain-gpu-") as (tmp, watchdog):
+with tool_world(env, "dgxtrain-gpu-") as (tmp, watchdog):
     hosts = gather_objects(socket.gethostname())
-    job = bench.build(OVERRIDES, 256, env, tmp, watchdog, hosts)
-    job.wrapped = distribute(job, hosts)
-    trainer = bench.Trainer(job)
-    for s in range(5):  # compilation, DDP's bucket rebuild, the optimizer's lazy state
-        trainer.step(s)
+    job = build(OVERRIDES, 256, env, tmp, watchdog)
+    trainer = TrainerLoop(job, hosts)
+    trainer.run(5)  # compilation, DDP's bucket rebuild, the optimizer's lazy state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for s in range(5, 15):  # steps 6..15: no log, save or eval decides on them
-                trainer.step(s)
+            trainer.run(10)  # steps 6..15: no log, save or eval decides on them
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
@@ -48,6 +45,6 @@ with measure.tool_world(env, "dgxtrain-gpu-") as (tmp, watchdog):
            "comm_wait_s": ddp.comm_wait_s(job.wrapped),  # events of step 15, synced above
            "syncs": [str(w.message) for w in caught if "synchroniz" in str(w.message)],
            "finite": all(torch.isfinite(p).all().item() for p in job.model.parameters())}
-    trainer.vote.close()
+    trainer.loop.stopping.close(trainer.loop.state)
 with open(sys.argv[1], "w") as f:
     json.dump(out, f)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch.utils.data import default_collate
 
+from dgxtrain.config import compose
 from dgxtrain.data.loader import SeededItems, sample_keys
 from dgxtrain.loop.train import train
-from tests.conftest import CONF, clean_env, cli_args, kill_tree, read_metrics, run_ok
+from tests.conftest import ROOT, clean_env, cli_args, kill_tree, read_metrics, run_ok
 from tests.user_task import FlatCrossEntropy, NextSum, PairModel, write_config_dir
 
 pytestmark = pytest.mark.multiprocess
@@ -50,10 +50,9 @@ def _config_dir(task: str, user_conf: Path) -> Path | None:
 
 
 def _in_process(run_dir: Path, task: str, user_conf: Path, extra: list[str]) -> dict:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        search = [f"hydra.searchpath=[file://{user_conf}]"] if task == "user" else []
-        cfg = compose("config", overrides=[*_overrides(task, user_conf), *extra, *search])
-    return train(cfg, run_dir)
+    # A user's --config-dir is a search path Hydra adds (here by the override it becomes).
+    search = [f"hydra.searchpath=[file://{user_conf}]"] if task == "user" else []
+    return train(compose([*_overrides(task, user_conf), *extra, *search]), run_dir)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -119,7 +118,7 @@ def test_sigkill_then_rerun_is_bitwise_and_resumes_on_another_world_size(referen
     task, ref = reference
     over, config_dir = _overrides(task, user_conf), _config_dir(task, user_conf)
     args = cli_args(tmp_path / "run", over + ["fault.step_delay_s=0.15"], config_dir=config_dir)
-    with subprocess.Popen(args, cwd=CONF.parent, env=clean_env(), stdout=subprocess.DEVNULL,
+    with subprocess.Popen(args, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL) as p:
         manifest = tmp_path / "run" / "checkpoints" / "step-10" / "manifest.json"
         deadline = time.monotonic() + 120

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -18,7 +17,6 @@ from dgxtrain.distributed import preempt
 from dgxtrain.distributed.env import env_rank, register_resolvers, shared_run_id
 from dgxtrain.distributed.preempt import Requeue
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3
 EXIT_DATA_ERROR = 4
@@ -64,7 +62,8 @@ def _exit_codes() -> Iterator[None]:
         preempt.report_exit("done")
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+# conf/ as installed with the package (setup.py ships it as dgxtrain.conf).
+@hydra.main(version_base="1.3", config_path="pkg://dgxtrain.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     from dgxtrain.loop.train import train
 

@@ -1,6 +1,7 @@
 """The one typed config: the schemas (schemas.py, groups.py), their range checks (checks.py),
 the load into typed dataclasses (load.py) and the packaged conf/ composed (compose.py)."""
 
+from dgxtrain.config.compose import compose
 from dgxtrain.config.load import RunSpec, load, register_configs
 from dgxtrain.config.schemas import (
     CheckpointConfig,
@@ -13,4 +14,4 @@ from dgxtrain.config.schemas import (
 )
 
 __all__ = ["CheckpointConfig", "Config", "DistConfig", "FaultConfig", "LoggerConfig",
-           "PreemptionConfig", "RunSpec", "TrainerConfig", "load", "register_configs"]
+           "PreemptionConfig", "RunSpec", "TrainerConfig", "compose", "load", "register_configs"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -63,16 +64,20 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: DistConfig, hosts: list[str]
     return ddp
 
 
-def unused_parameters(e: BaseException) -> ConfigError | None:
-    """DDP's error for a step that left parameters without a gradient, as one line."""
-    text = str(e)
-    if not (isinstance(e, RuntimeError) and
-            "Expected to have finished reduction in the prior iteration" in text):
-        return None
-    return ConfigError("dist.find_unused_parameters", False, "the model left parameters "
-                       "without a gradient in a step (DDP: " + text.splitlines()[0][:90] +
-                       "...)", "set dist.find_unused_parameters=true for a model whose used "
-                       "parameters change between steps")
+@contextlib.contextmanager
+def naming_unused_parameters() -> Iterator[None]:
+    """DDP's error for a step that left parameters without a gradient (a model with a
+    branch some steps skip), as one line naming the setting."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if "Expected to have finished reduction in the prior iteration" not in text:
+            raise
+        raise ConfigError("dist.find_unused_parameters", False, "the model left parameters "
+                          "without a gradient in a step (DDP: " + text.splitlines()[0][:90] +
+                          "...)", "set dist.find_unused_parameters=true for a model whose "
+                          "used parameters change between steps") from e
 
 
 def choose_hook(name: str, env: DistEnv, model: torch.nn.Module, hosts: list[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import faulthandler
 import signal
+import time
 from pathlib import Path
 from typing import IO
 
@@ -20,6 +21,7 @@ class Watchdog:
         self.path = run_dir / "stacks" / f"rank{rank}.txt"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] | None = open(self.path, "w")
+        self._deadline = 0.0  # monotonic time at which the armed timer fires (0: unarmed)
         # torchrun ends the surviving ranks with SIGTERM when one fails: they leave stacks
         # too, dumped from C even while Python is blocked in a collective. Then it chains to
         # the handler in place, the stop request's (preempt.py): install that one first.
@@ -33,8 +35,18 @@ class Watchdog:
         self.close(keep_stacks=exc_type is not None)
 
     def arm(self, seconds: float) -> None:
-        if self._file is not None:
-            faulthandler.dump_traceback_later(seconds, exit=True, file=self._file)
+        """Fire unless armed again within `seconds` (and at most a tenth more)."""
+        if self._file is None:
+            return
+        now, slack = time.monotonic(), seconds / 10
+        # Each re-arm joins faulthandler's timer thread and starts a new one: on a busy
+        # host, waiting for the old one to be scheduled costs more than a small step. So a
+        # timer that fires between `seconds` and a tenth later is kept: a re-arm per tenth
+        # of the timeout, not per step.
+        if now + seconds <= self._deadline <= now + seconds + slack:
+            return
+        faulthandler.dump_traceback_later(seconds + slack, exit=True, file=self._file)
+        self._deadline = now + seconds + slack
 
     def close(self, keep_stacks: bool = True) -> None:
         """Disarm; a clean exit leaves no stack file behind."""

@@ -1,11 +1,9 @@
-"""A run's parts: built from the config, distributed, described, saved and restored."""
+"""A run's parts: built from the config, distributed (DDP, compile) and described."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import os
 import platform
@@ -18,7 +16,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from dgxtrain import __version__, checkpoint
+from dgxtrain import tasks
 from dgxtrain.config import Config, RunSpec
 from dgxtrain.data.loader import to_device
 from dgxtrain.distributed import ddp
@@ -31,8 +29,7 @@ from dgxtrain.faults import Faults
 from dgxtrain.loop.optim import build_optimizer, build_scheduler
 from dgxtrain.observe.model_stats import count_parameters, flops_per_sample
 from dgxtrain.observe.peak import peak_tflops
-from dgxtrain.observe.trackers import NullTracker
-from dgxtrain.tasks import Task, TaskLoss, build_task
+from dgxtrain.tasks import Task, TaskLoss
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +81,42 @@ class Job:
     wrapped: torch.nn.Module | None = None  # DDP and/or compiled: the training forward
 
 
-def build_job(cfg: Config, resolved: dict[str, Any], env: DistEnv, spec: RunSpec,
-              run_dir: Path, watchdog: Watchdog) -> Job:
+def build_task(cfg: Config, device: torch.device, global_batch_size: int) -> Task:
+    """The task with its loss and metrics; its data built (on `device` where it is made
+    there) and checked against the batch."""
     with constructing("loss", cfg.loss):
         loss = TaskLoss(instantiate(cfg.loss), cfg.loss.get("_target_"))
     with constructing("data", cfg.data):
-        task = build_task(cfg, loss, env.device)
-    if task.num_samples < spec.global_batch_size:
-        raise ConfigError("trainer.global_batch_size", spec.global_batch_size, f"is more than "
+        task = tasks.build_task(cfg, loss, device)
+    if task.num_samples < global_batch_size:
+        raise ConfigError("trainer.global_batch_size", global_batch_size, f"is more than "
                           f"the {task.num_samples} training samples", "lower it to at most "
                           f"{task.num_samples}, or give more training data")
+    return task
+
+
+def build_model(cfg: Config, task: Task) -> torch.nn.Module:
+    """The model with the run's initial weights, checked on the CPU against the task."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     with constructing("model", cfg.model):
         model = task.build_model()
     # On the CPU, before any GPU work: the model takes the data, the loss the output.
     task.check(model.eval())  # eval: no BatchNorm statistics move in the check
-    model = model.train().to(env.device)
+    return model.train()
+
+
+def build_job(cfg: Config, resolved: dict[str, Any], env: DistEnv, spec: RunSpec,
+              run_dir: Path, watchdog: Watchdog) -> Job:
+    task = build_task(cfg, env.device, spec.global_batch_size)
+    model = build_model(cfg, task).to(env.device)
     with constructing("optim", cfg.optim):
         optimizer = build_optimizer(cfg.optim, model)
     faults = Faults(cfg.fault, env.rank, run_dir)
     faults.attach(model)
     t = cfg.trainer
+    if t.warmup_steps >= t.max_steps:
+        log.warning("trainer.warmup_steps=%d >= trainer.max_steps=%d: the LR never leaves "
+                    "warm-up", t.warmup_steps, t.max_steps)
     return Job(cfg, resolved, env, spec, task, model, optimizer,
                build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio),
                make_autocast(env.device, t.precision), run_dir, faults, watchdog)
@@ -175,36 +187,3 @@ def _git_commit() -> str | None:
     if head.returncode != 0:
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def checkpoint_meta(job: Job) -> dict[str, Any]:
-    """What a checkpoint records about the run that wrote it (manifest.json)."""
-    cfg_json = json.dumps(job.resolved, sort_keys=True, default=str)
-    return {"world_size": job.env.world_size, "global_batch_size": job.spec.global_batch_size,
-            "seed": job.cfg.seed, "num_samples": job.task.num_samples,
-            "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
-            "dgxtrain_version": __version__, "torch_version": torch.__version__}
-
-
-def save_checkpoint(job: Job, step: int, train_state: dict[str, Any],
-                    tracker: NullTracker) -> str | None:
-    """None once saved; else what failed, the same on every rank."""
-    job.watchdog.arm(job.cfg.dist.init_timeout_s)
-    return checkpoint.save(
-        job.run_dir, step, job.env,
-        checkpoint.contents(job.model, job.optimizer, job.scheduler, train_state,
-                            tracker.state_dict()),
-        checkpoint_meta(job), job.cfg.checkpoint.keep_last, job.faults.before_write)
-
-
-def resume(job: Job) -> dict[str, Any]:
-    """Load the newest complete checkpoint (or as checkpoint.resume says) into the job;
-    returns its state.pt ({"train_state", "tracker"}), or {} for a fresh start."""
-    found = checkpoint.choose(job.cfg.checkpoint.resume, job.run_dir, job.env)
-    if found is None:
-        return {}
-    saved = checkpoint.restore(found, job.env, checkpoint_meta(job), job.model,
-                               job.optimizer, job.scheduler)
-    if not found.path.resolve().is_relative_to(job.run_dir.resolve()):
-        saved.pop("tracker", None)  # another run's checkpoint: its W&B run is not this one
-    return saved

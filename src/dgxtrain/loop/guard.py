@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from dgxtrain.loop.optim import skips_on_device, step_unless
+from dgxtrain.loop.state import StopReason, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +56,31 @@ class UpdateGuard:
     def read(self) -> Reading:
         """The counters on the host: a device sync, for decision steps only."""
         return Reading(*self.counts.tolist())
+
+    def settle(self, state: TrainState, samples_per_step: int) -> None:
+        """On a decision step: the counters into the loop's state. After a halt the run
+        stands where the last update applied: no update from the halting step on (error
+        mode) or after it (skip mode)."""
+        skipped, streak, halted_at = self.read()
+        if skipped > state.skipped_steps:
+            log.warning("%d non-finite step(s) up to step %d: their updates were skipped",
+                        skipped - state.skipped_steps, state.step)
+        state.skipped_steps, state.consecutive_skips = skipped, streak
+        if halted_at:
+            stand = halted_at - 1 if self.halt_on_first else halted_at
+            state.samples_seen -= (state.step - stand) * samples_per_step
+            state.step = stand
+            state.stop_reason = (StopReason.NON_FINITE if self.halt_on_first
+                                 else StopReason.TOO_MANY_SKIPS)
+
+
+def halt_error(state: TrainState, max_skipped: int) -> FloatingPointError:
+    """The error a halted run ends with (exit 3)."""
+    if state.stop_reason is StopReason.NON_FINITE:
+        return FloatingPointError(
+            f"non-finite loss or gradient at step {state.step + 1}, update not applied; fix: "
+            "lower optim.lr, set trainer.grad_clip, or trainer.nonfinite=skip")
+    return FloatingPointError(
+        f"{state.consecutive_skips} non-finite steps in a row (trainer.max_skipped="
+        f"{max_skipped}), up to step {state.step}; fix: lower optim.lr or set "
+        "trainer.grad_clip")

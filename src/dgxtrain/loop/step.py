@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -14,6 +15,18 @@ from dgxtrain.loop.guard import UpdateGuard
 from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
 from dgxtrain.tasks import Task
 from dgxtrain.tasks.base import Batch
+
+
+class StepOutput(NamedTuple):
+    """What a step hands to the loop's components."""
+
+    step: int
+    loss: torch.Tensor  # this rank's, on the device
+    grad_norm: torch.Tensor  # on the device
+    lr: float  # the step's learning rate
+    clock: PhaseClock  # its phases, timed on log steps
+    seconds: float  # the step and its decisions, before the components act
+    first: bool  # this attempt's first step (it may have compiled)
 
 
 @dataclass

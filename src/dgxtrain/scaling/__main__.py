@@ -1,186 +1,26 @@
-"""Predict a DDP step's time and weak-scaling efficiency from 1 to 1024 GPUs.
-
-Under a launcher it measures, predicts the world it runs in, and checks itself against it:
-    torchrun --standalone --nproc_per_node=2 -m dgxtrain.scaling --json scaling.json
-  1. one device's compute: every rank steps its own copy of the model at once, with no
-     communication (the cores or GPUs are as busy as in the DDP run);
-  2. the all-reduce over the world at the step's bucket sizes, and of 4 bytes (latency);
-  3. the DDP step predicted from 1 and 2 (scaling/model.py), and dgxtrain's own DDP step
-     timed, in interleaved rounds: measured_step_s against predicted_step_s;
-  4. the table from 1 to 1024 GPUs with that compute: bandwidth measured here up to one
-     node, published DGX H100/H200 figures beyond (scaling/bandwidth.py).
-Without a launcher it needs the compute from the model's FLOPs and a rate:
+"""Predict a DDP step's time and weak-scaling efficiency from 1 to 1024 GPUs, for the model
+that Hydra overrides (as for training) choose, from its FLOPs and a GPU's rate:
     python -m dgxtrain.scaling experiment=dgx_8gpu --peak-tflops 989 --mfu 0.42
-Hydra overrides choose the model and batch, as for training (default: bench's workload).
+or the model against published scaling results: python -m dgxtrain.scaling --published.
+With the GEMM rate and all-reduce measured on your own nodes instead:
+    torchrun --standalone --nproc_per_node=8 -m dgxtrain.tools.doctor --predict <overrides>
+The bandwidth is the published DGX H100/H200 figures' (scaling/bandwidth.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from hydra.utils import instantiate
-
-from dgxtrain.distributed import ddp
-from dgxtrain.distributed.collectives import all_reduce_, broadcast_object, gather_objects
-from dgxtrain.distributed.comm_timer import CommTimer
-from dgxtrain.distributed.env import DistEnv, cores_per_rank
-from dgxtrain.distributed.watchdog import Watchdog
-from dgxtrain.loop.build import Job, distribute
 from dgxtrain.observe import logs
-from dgxtrain.scaling import bandwidth, model, published, workload
-from dgxtrain.tools import bench, measure
-
-# Wide enough that the all-reduce is a real share of the step on 2 CPU ranks: 3.7 M
-# parameters, 14 MiB of gradients in one bucket.
-VALIDATION = ["data.dim=512", "model=mlp", "model.hidden_dim=1024", "model.num_layers=4",
-              "optim=adamw", "trainer.precision=fp32", "logger=none"]
-
-
-class LocalStep:
-    """The step with no communication: the job's model, copied, with its own optimizer."""
-
-    def __init__(self, job: Job):
-        cfg, env = job.cfg, job.env
-        self.model = job.task.build_model().to(env.device)
-        self.optimizer = instantiate(cfg.optim, params=self.model.parameters(), _convert_="all")
-        self.autocast, self.device = job.autocast, env.device
-        self.feed, self.clip = bench.feed(job), cfg.trainer.grad_clip
-
-    def phases(self, step: int) -> tuple[float, float, float]:
-        x, y = self.feed(step)[0]
-        t0 = time.perf_counter()
-        with self.autocast():
-            pred = self.model(x)
-        loss = torch.nn.functional.mse_loss(pred.float(), y)
-        t1 = _synced(self.device)
-        loss.backward()
-        t2 = _synced(self.device)
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        t3 = _synced(self.device)
-        return t1 - t0, t2 - t1, t3 - t2
-
-
-def _synced(device: torch.device) -> float:
-    measure.sync(device)
-    return time.perf_counter()
-
-
-def _no_comm(world, bucket):  # noqa: ANN001 (DDP checks a hook's annotations, if any)
-    """A DDP comm hook that sends nothing but averages as DDP's own all-reduce does: the
-    step as it is, less the transfer."""
-    fut = torch.futures.Future()
-    fut.set_result(bucket.buffer().div_(world))
-    return fut
-
-
-def hook_time(device: torch.device, nbytes: int, world: int, min_time_s: float = 0.2) -> dict:
-    """One bucket's all-reduce (the sum; the step without it averages already). Every rank
-    runs the same number of rounds; the slowest rank's time counts, as in the step."""
-    buf = torch.ones(max(1, nbytes // 4), device=device)
-    all_reduce_(buf)  # warm-up: connections, buffers
-    rounds = broadcast_object(max(3, min(50, int(min_time_s / max(_timed(buf, device), 1e-6)))))
-    t = statistics.median(_timed(buf, device) for _ in range(rounds))
-    t = all_reduce_(torch.tensor([t], device=device, dtype=torch.float64), op="max").item()
-    busbw = bandwidth.ring_factor(world) * buf.numel() * 4 / t / 1e9
-    return {"bytes": buf.numel() * 4, "time_us": t * 1e6, "busbw_gbps": busbw}
-
-
-def _timed(buf: torch.Tensor, device: torch.device) -> float:
-    measure.sync(device)
-    started = time.perf_counter()
-    all_reduce_(buf)
-    measure.sync(device)
-    return time.perf_counter() - started
-
-
-class Aligned:
-    """A loop whose ranks meet after every step, as DDP's all-reduce makes them meet: each
-    step then lasts as long as its slowest rank's, which is what a world waits for."""
-
-    def __init__(self, loop: bench.Trainer, device: torch.device):
-        self.loop, self.flag = loop, torch.zeros(1, device=device)
-
-    def step(self, step: int) -> None:
-        self.loop.step(step)
-        all_reduce_(self.flag)
-
-
-def measure_and_check(args: argparse.Namespace, env: DistEnv, work: Path,
-                      watchdog: Watchdog) -> dict[str, Any]:
-    hosts = gather_objects(socket.gethostname())
-    jobs = [bench.build(args.overrides, args.micro_batch or 256, env, work, watchdog, hosts)
-            for _ in range(2)]
-    cfg = jobs[0].cfg
-    if cfg.dist.comm_hook != "auto":
-        raise SystemExit("dgxtrain.scaling: measure with dist.comm_hook=auto (the all-reduce "
-                         "the model predicts)")
-    torch.set_num_threads(cfg.dist.threads_per_rank or cores_per_rank())  # as train() does
-    local = LocalStep(jobs[0])
-    for job in jobs:
-        job.wrapped = distribute(job, hosts)
-    timer = ddp.hook_state(jobs[1].wrapped, CommTimer)
-    if timer is not None:  # GPUs: ddp.wrap registered its timed hook; it times nothing now
-        timer.inner, timer.inner_state = _no_comm, env.world_size
-    else:
-        jobs[1].wrapped.register_comm_hook(env.world_size, _no_comm)
-    ddp_step, no_comm = bench.Trainer(jobs[0]), Aligned(bench.Trainer(jobs[1]), env.device)
-    sizes = workload.grad_bytes(jobs[0].model, cfg.dist.comm_hook)
-    buckets = model.buckets(sizes, int(cfg.dist.bucket_cap_mb * model.MiB))
-    for loop in (ddp_step, no_comm):  # warm-up: allocators, DDP's bucket rebuild
-        bench.timed_steps(loop, 0, 3, env.device)
-    phases = [local.phases(s) for s in range(3, 3 + args.steps)]
-    seconds: dict[str, list[float]] = {"ddp": [], "no_comm": []}
-    step = 3
-    for r in range(args.rounds):  # interleaved: both see the same drift of a shared machine
-        for name, loop in (("ddp", ddp_step), ("no_comm", no_comm))[::1 if r % 2 else -1]:
-            seconds[name].append(bench.timed_steps(loop, step, args.steps, env.device)
-                                 / args.steps)
-        step += args.steps
-    rows = [hook_time(env.device, b, env.world_size) for b in sorted(set(buckets))]
-    latency = hook_time(env.device, 4, env.world_size)["time_us"] * 1e-6
-    # One device's step is the DDP step without its all-reduce, the slowest rank's in each
-    # step (less the meeting's latency), in the proportions of the plain step's phases.
-    shares = [statistics.median(p[i] for p in phases) for i in range(3)]
-    alone = statistics.median(seconds["no_comm"]) - latency
-    compute = model.Compute(*(alone * x / sum(shares) for x in shares))
-    curve = bandwidth.measured(rows, env.world_size, latency)
-    overlap = env.device.type == "cuda"
-    predicted = model.predict(compute, buckets, env.world_size, curve, overlap)
-    measured = statistics.median(seconds["ddp"])
-    return {
-        "workload": {"overrides": args.overrides, "world_size": env.world_size,
-                     "device": str(env.device), "device_name": bench.device_name(env.device),
-                     "micro_batch_per_rank": jobs[0].spec.micro_batch_size,
-                     "parameters": sum(p.numel() for p in jobs[0].model.parameters()),
-                     "grad_bytes": sum(sizes), "bucket_bytes": buckets,
-                     "comm_hook": cfg.dist.comm_hook, "overlap": overlap,
-                     "rounds": args.rounds, "steps_per_round": args.steps},
-        "compute": {"forward_s": compute.forward_s, "backward_s": compute.backward_s,
-                    "optimizer_s": compute.optimizer_s, "step_s": compute.step_s,
-                    "rounds_s": seconds["no_comm"]},
-        "allreduce": rows, "latency_s": latency,
-        "measured_step_s": measured, "measured_step_s_rounds": seconds["ddp"],
-        "predicted_step_s": predicted.step_s, "predicted_comm_s": predicted.comm_s,
-        "error": predicted.step_s / measured - 1,
-        # On GPUs the curve measured here serves up to one node, published ones beyond; a
-        # CPU world is its own curve all the way (nothing published fits it).
-        "table": model.table(compute, buckets, model.GPUS, overlap, curve,
-                             curve_max_gpus=8 if overlap else max(model.GPUS)),
-    }
+from dgxtrain.scaling import model, published, workload
+from dgxtrain.tools import measure
 
 
 def from_flops(args: argparse.Namespace) -> dict[str, Any]:
-    """No launcher: one GPU's compute from the model's FLOPs at peak x MFU."""
+    """One GPU's compute from the model's FLOPs at peak x MFU."""
     w = workload.build(args.overrides, args.micro_batch)
     compute = w.compute(args.peak_tflops, args.mfu)
     return {"workload": {"overrides": args.overrides, **w.describe(),
@@ -209,25 +49,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dgxtrain.scaling", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the model and batch")
-    p.add_argument("--micro-batch", type=int, help="samples per GPU and step (default: 256 "
-                   "when measuring, else the experiment's)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved measuring rounds")
-    p.add_argument("--steps", type=int, default=10, help="steps per round")
-    p.add_argument("--peak-tflops", type=float, help="without a launcher: the GPU's peak")
+    p.add_argument("--micro-batch", type=int, help="samples per GPU and step (default: the "
+                   "experiment's micro-batch, or its global batch over 8)")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's peak TFLOP/s (989: H100/H200 "
+                   "dense bf16)")
     p.add_argument("--mfu", type=float, default=0.42,
-                   help="without a launcher: the share of the peak reached (default 0.42, "
-                   "dgxtrain's last measurement on an H200)")
+                   help="the share of the peak reached (default 0.42)")
     p.add_argument("--published", action="store_true", help="the model against published "
                    "scaling results (torchtitan, Horovod), and nothing else")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    for name in ("rounds", "steps", "micro_batch"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        p.error("--micro-batch must be >= 1")
     if not 0 < args.mfu <= 1:
         p.error("--mfu must be in (0, 1]")
-    if not any(o.startswith("experiment=") for o in args.overrides):
-        args.overrides = VALIDATION + args.overrides
     return args
 
 
@@ -242,23 +77,18 @@ def render_published(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    env = DistEnv.from_env("auto")
-    logs.setup_logging(env.rank)
+    logs.setup_logging(0)
     if args.published:
         result: dict[str, Any] = {"published": published.comparisons()}
         text = render_published(result["published"])
-    elif env.launcher == "single":
-        if args.peak_tflops is None:
-            sys.stderr.write("dgxtrain.scaling: without a launcher, give --peak-tflops (and "
-                             "--mfu) for the compute, or run it under torchrun to measure\n")
-            return 2
-        result = from_flops(args)
-        text = render(result)
+    elif args.peak_tflops is None:
+        sys.stderr.write("dgxtrain.scaling: give --peak-tflops (and --mfu) for the compute; "
+                         "to measure it and the all-reduce on your nodes, run "
+                         "python -m dgxtrain.tools.doctor --predict <overrides> under torchrun "
+                         "or srun\n")
+        return 2
     else:
-        with measure.tool_world(env, "dgxtrain-scaling-") as (tmp, watchdog):
-            result = measure_and_check(args, env, tmp, watchdog)
-        if not env.is_main:
-            return 0
+        result = from_flops(args)
         text = render(result)
     sys.stdout.write(text)
     measure.write_json(args.json, result)

@@ -4,18 +4,15 @@ for it from a measured GEMM rate and all-reduce curve (the doctor's --predict)."
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from dgxtrain.distributed.env import DistEnv
-from dgxtrain.distributed.watchdog import Watchdog
+from dgxtrain.config import compose, load
+from dgxtrain.loop.build import build_model, build_task
 from dgxtrain.observe.model_stats import flops_per_sample
 from dgxtrain.scaling import bandwidth, model
-from dgxtrain.tools import bench
 
 
 def grad_bytes(net: torch.nn.Module, comm_hook: str) -> list[int]:
@@ -49,16 +46,16 @@ class Workload:
 def build(overrides: list[str], micro_batch: int | None = None) -> Workload:
     """The run's model on the CPU of this process (a GPU's worth of samples: the
     experiment's micro-batch, or its global batch over 8)."""
-    env = DistEnv.from_env("cpu")
-    t = bench.compose_config(overrides, None, 8).trainer
+    typed, _ = load(compose(overrides), 1, cuda_available=False)
+    t = typed.trainer
     micro = micro_batch or t.micro_batch_size or t.global_batch_size // 8
-    with tempfile.TemporaryDirectory(prefix="dgxtrain-scaling-") as tmp, \
-            Watchdog(Path(tmp), 0) as watchdog:
-        job = bench.build(overrides, micro, env, Path(tmp), watchdog, ["localhost"])
-    sizes = grad_bytes(job.model, job.cfg.dist.comm_hook)
-    return Workload(micro, sum(p.numel() for p in job.model.parameters()), sizes,
-                    model.buckets(sizes, int(job.cfg.dist.bucket_cap_mb * model.MiB)),
-                    flops_per_sample(job.model, job.task.example()[0].to(env.device)))
+    cpu = torch.device("cpu")
+    task = build_task(typed, cpu, micro)
+    net = build_model(typed, task)
+    sizes = grad_bytes(net, typed.dist.comm_hook)
+    return Workload(micro, sum(p.numel() for p in net.parameters()), sizes,
+                    model.buckets(sizes, int(typed.dist.bucket_cap_mb * model.MiB)),
+                    flops_per_sample(net, task.example()[0]))
 
 
 def forecast(overrides: list[str], tflops: float, mfu: float, rows: list[dict[str, float]],

@@ -1,33 +1,18 @@
-"""What the measuring tools (bench, doctor, loader_bench, scaling) share: the world they run
-in, all-reduce bandwidth over message sizes, and how to keep and print what they find."""
+"""What the doctor measures with, and the lab's benchmarks too: all-reduce bandwidth over
+message sizes, the CPU's name, and how to keep and print what they find."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as tdist
 
-from dgxtrain.distributed.collectives import all_reduce_, broadcast_object, process_group
-from dgxtrain.distributed.env import DistEnv
-from dgxtrain.distributed.watchdog import Watchdog
-
-
-@contextlib.contextmanager
-def tool_world(env: DistEnv, prefix: str) -> Iterator[tuple[Path, Watchdog]]:
-    """A tool's run: its GPU, a scratch dir, the hang watchdog, and the process group."""
-    if env.device.type == "cuda":
-        torch.cuda.set_device(env.device)
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, \
-            Watchdog(Path(tmp), env.rank) as watchdog, process_group(env, timeout_s=1800):
-        yield Path(tmp), watchdog
+from dgxtrain.distributed.collectives import all_reduce_, broadcast_object
 
 
 def write_json(path: Path | None, result: Any) -> None:
@@ -35,6 +20,7 @@ def write_json(path: Path | None, result: Any) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=float))
+
 
 def message_sizes(max_bytes: int, smallest: int = 64 * 2**10) -> list[int]:
     """Powers of 4 from `smallest` up to max_bytes, which is always the last size."""

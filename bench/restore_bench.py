@@ -1,11 +1,11 @@
-"""`torchrun --nproc_per_node=N -m dgxtrain.tools.restore_bench [--mb M] [--rounds R] [--cold]
+"""`torchrun --nproc_per_node=N -m bench.restore_bench [--mb M] [--rounds R] [--cold]
 [--dir D] [--json PATH]`: how a resume should read a checkpoint, measured on this storage.
 
 The checkpoint is an MLP of M MiB of fp32 weights with its AdamW state (3 x M MiB in all),
 saved by dgxtrain.checkpoint. Two ways to load it into every rank, in alternating rounds:
   - every rank reads: rank 0 reads each file to check its SHA-256, then every rank
-    torch.loads model.pt and optim.pt itself (dgxtrain before issue 15);
-  - rank 0 reads, once, and broadcasts: checkpoint.choose + checkpoint.restore (today's).
+    torch.loads model.pt and optim.pt itself (the way before rank 0 broadcast);
+  - rank 0 reads, once, and broadcasts: checkpoint.choose + checkpoint.restore (the trainer's).
 With --cold (as root) each round starts by dropping the machine's page cache, so every
 read comes from the storage; without it, reads after the first may come from the cache. Per way: the median wall time from the first rank's start to
 the last rank's finish, and the bytes read from storage over all ranks (/proc/self/io).
@@ -28,18 +28,19 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from bench.common import tool_world
 from dgxtrain import checkpoint
 from dgxtrain.distributed.collectives import all_reduce_, broadcast_object
 from dgxtrain.distributed.env import DistEnv
 from dgxtrain.observe import logs
 from dgxtrain.tools import measure
 
-log = logging.getLogger("dgxtrain.tools.restore_bench")
+log = logging.getLogger("bench.restore_bench")
 META = {"seed": 0, "global_batch_size": 1, "num_samples": 1}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dgxtrain.tools.restore_bench")
+    p = argparse.ArgumentParser(prog="python -m bench.restore_bench")
     p.add_argument("--mb", type=int, default=256, help="MiB of fp32 weights (default 256)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of each way (default 3)")
     p.add_argument("--cold", action="store_true", help="drop the page cache before each "
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     env = DistEnv.from_env()
     logs.setup_logging(env.rank)
-    with measure.tool_world(env, "dgxtrain-restore-") as (tmp, _):
+    with tool_world(env, "dgxtrain-restore-") as (tmp, _):
         run_dir = Path(broadcast_object(str((args.dir or tmp) / f"restore-bench-{os.getpid()}")))
         try:
             result = run(args, env, run_dir)

@@ -1,4 +1,4 @@
-"""`python -m dgxtrain.tools.loader_bench [--quick] [--workers N] [--json PATH]`: dgxtrain's
+"""`python -m bench.loader_bench [--quick] [--workers N] [--json PATH]`: dgxtrain's
 loader path (data/loader.py) against a plain DistributedSampler + DataLoader loop, in one
 process, on Digits(train, augment=True) as rank 0 of 2 ranks, 128 samples per rank.
 
@@ -35,7 +35,7 @@ from dgxtrain.observe import logs
 from dgxtrain.tasks.examples.digits import Digits
 from dgxtrain.tools import measure
 
-log = logging.getLogger("dgxtrain.tools.loader_bench")
+log = logging.getLogger("bench.loader_bench")
 BATCH, WORLD, SEED, TARGET, FAR = 128, 2, 0, 0.95, 10**6
 
 
@@ -178,7 +178,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dgxtrain.tools.loader_bench",
+    p = argparse.ArgumentParser(prog="python -m bench.loader_bench",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="few rounds, small k (CI)")
     p.add_argument("--workers", type=int, default=2, help="loader workers besides 0")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multiprocess
 def test_restore_benchmark_on_two_ranks(tmp_path):
     out = tmp_path / "restore.json"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", "-m", "dgxtrain.tools.restore_bench",
+                        f"--master_port={free_port()}", "-m", "bench.restore_bench",
                         "--mb", "4", "--rounds", "2", "--dir", str(tmp_path), "--json", str(out)],
                        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -28,5 +28,4 @@ def test_restore_benchmark_on_two_ranks(tmp_path):
     for way in r["ways"].values():
         assert len(way["runs"]) == 2 and all(run["s"] > 0 for run in way["runs"])
         assert way["median_s"] == pytest.approx(statistics.median(x["s"] for x in way["runs"]))
-        assert way["median_read_bytes"] >= 0  # 0 where the directory is a tmpfs
     assert not list(tmp_path.glob("restore-bench-*")), "the benchmark left its checkpoint"

@@ -1,18 +1,23 @@
-"""`python -m dgxtrain.tools.bench [--quick] [overrides]`: the trainer's step loop against a
-tuned plain DDP loop, side by side in one run, and how close the trainer gets to the hardware.
+"""`torchrun ... -m bench.train_bench [--quick] [overrides]`: the trainer's loop, as users run
+it, against a tuned plain DDP loop doing the same maths, side by side in one run; and how
+close the trainer gets to the hardware.
 
-Runs as one process or under torchrun / srun (one rank per device). In one invocation:
-  - the trainer's default path (loop/step.py's train_step, the stop vote, the guard read on
-    decision steps, on the job train() builds), the same with the opt-in shared-memory
-    hook (CPU ranks), and a reference loop: a plain DistributedDataParallel loop tuned as
-    a user would tune it (fused optimizer, gradient_as_bucket_view, static_graph, the same
-    bucket size) doing the same maths (model, data, batch, optimizer, schedule, clipping);
-    interleaved in rounds, in alternating order, so drift on a shared machine hits all of
-    them; medians of the rounds;
+Runs as one process or under torchrun / srun (one rank per device), from the repository's
+root. In one invocation:
+  - the trainer: loop/loop.py's Loop as train() builds and runs it (the step, the stop
+    vote, the guard's reads, the log rows, the watchdog, the fault hooks), with trackers
+    that keep the rows in memory; the same with the opt-in shared-memory hook (CPU ranks);
+    a reference loop: a plain DistributedDataParallel loop tuned as a user would tune it
+    (fused optimizer, gradient_as_bucket_view, static_graph, the same bucket size) doing
+    the same maths (model, data, batch, optimizer, schedule, clipping); and the same step
+    as Lightning Fabric and Accelerate users write it (peers.py); interleaved in rounds, in
+    alternating order, so drift on a shared machine hits all of them; medians of the rounds;
   - their parameters after the same steps: equal within 1e-5 in fp32;
   - FLOP/s (counted by torch.utils.flop_counter) against a matmul peak measured here;
   - all-reduce algbw/busbw over message sizes (nccl-tests definitions);
-  - the share of a step spent on data, forward+backward, communication and the optimizer;
+  - the share of a step spent on data, forward+backward (and in it the wait for the other
+    ranks) and the optimizer: the trainer's from its own log rows, the plain loops' timed
+    alike on a few steps per round;
   - peak memory for data.num_samples 1e3 vs 1e9, and launch-to-first-step, of the real CLI.
 Writes JSON (--json), a PNG (--png), and a table on stdout (rank 0).
 """
@@ -22,62 +27,50 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import socket
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dgxtrain import config
+from bench.common import (
+    PlainLoop,
+    Steps,
+    TrainerLoop,
+    build,
+    device_name,
+    feed,
+    max_param_diff,
+    timed,
+    tool_world,
+)
+from bench.peers import peer_loops
+from bench.report import memory_and_startup, plot, table
 from dgxtrain.distributed import ddp
-from dgxtrain.distributed.collectives import all_reduce_, gather_objects
-from dgxtrain.distributed.env import DistEnv, cores_per_rank, register_resolvers
-from dgxtrain.distributed.preempt import StopVote
+from dgxtrain.distributed.collectives import gather_objects
+from dgxtrain.distributed.env import DistEnv, cores_per_rank
 from dgxtrain.distributed.watchdog import Watchdog
-from dgxtrain.loop.build import Job, build_job, distribute, make_autocast
-from dgxtrain.loop.cadence import Cadence
-from dgxtrain.loop.guard import UpdateGuard
-from dgxtrain.loop.optim import build_scheduler
-from dgxtrain.loop.step import StepParts, train_step
+from dgxtrain.loop.build import Job, make_autocast
+from dgxtrain.loop.optim import build_optimizer, build_scheduler
 from dgxtrain.observe import logs
 from dgxtrain.observe.model_stats import flops_per_sample
 from dgxtrain.observe.peak import measured_matmul_tflops, peak_tflops
 from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
-from dgxtrain.tasks import Feed
 from dgxtrain.tools import measure
-from dgxtrain.tools.bench_report import memory_and_startup, plot, table
-from dgxtrain.tools.peers import peer_loops
 
-log = logging.getLogger("dgxtrain.tools.bench")
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
-# The standard workload (README, performance): an MLP 256 -> 3 x 1024 GELU -> 1, AdamW, fp32,
+log = logging.getLogger("bench.train_bench")
+# The standard workload (docs/performance.md): an MLP 256 -> 3 x 1024 GELU -> 1, AdamW, fp32,
 # 256 samples per rank and step.
 STANDARD = ["data.dim=256", "model=mlp", "model.hidden_dim=1024", "model.num_layers=3",
             "optim=adamw", "trainer.precision=fp32", "logger=none"]
-QUICK = ["data.dim=32", "model.hidden_dim=64", "model.num_layers=2"]
+# A small model; log steps often enough that a few steps give the trainer's phases.
+QUICK = ["data.dim=32", "model.hidden_dim=64", "model.num_layers=2", "trainer.log_every=5"]
 
 
-def compose_config(overrides: list[str], micro_batch: int | None, world: int) -> Any:
-    """The config for these overrides, with `micro_batch` samples per rank (None: as they
-    say) and no end in sight."""
-    config.register_configs()
-    register_resolvers()
-    batch = ([f"trainer.micro_batch_size={micro_batch}",
-              f"trainer.global_batch_size={micro_batch * world}"] if micro_batch else [])
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*overrides, *batch, "trainer.max_steps=100000",
-                                            "hydra.run.dir=."])
-
-
-class Reference:
+class Reference(PlainLoop):
     """A plain DDP loop as a user tunes it, on the trainer's data: fused optimizer, gradients
     as bucket views, static graph, the trainer's bucket size; clipping as the trainer's."""
 
@@ -89,8 +82,7 @@ class Reference:
                         else None, bucket_cap_mb=cfg.dist.bucket_cap_mb,
                         gradient_as_bucket_view=True, static_graph=True)
                     if env.launcher != "single" else self.model)
-        self.optimizer = instantiate(cfg.optim, params=self.model.parameters(),
-                                     _convert_="all")
+        self.optimizer = build_optimizer(cfg.optim, self.model)
         t = cfg.trainer
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps,
                                          t.min_lr_ratio)
@@ -112,129 +104,74 @@ class Reference:
         clock.mark("optim")
 
 
-def feed(job: Job) -> Feed:
-    """The built-in task's batches, generated on the device: the same for every loop."""
-    s = job.spec
-    return job.task.train_feed(job.cfg.seed, s.global_batch_size, job.env.rank,
-                               job.env.world_size, s.micro_batch_size, 0,
-                               job.cfg.trainer.max_steps, job.env.device)
-
-
-class Trainer:
-    """dgxtrain's own work per step, as run_loop does it: train_step, the LR schedule, the
-    ranks' stop vote, and on decision steps the guard's read."""
-
-    def __init__(self, job: Job):
-        t, env = job.cfg.trainer, job.env
-        self.job, self.vote = job, StopVote(env.device, env.world_size)
-        self.parts = StepParts(job.wrapped, job.task, job.optimizer,
-                               UpdateGuard(t.nonfinite, t.max_skipped, env.device),
-                               job.autocast, t.grad_clip)
-        self.cadence = Cadence(t, job.cfg.checkpoint.every_steps, 1)
-        self.ddp, self.feed = job.wrapped, feed(job)
-
-    def step(self, step: int, clock: PhaseClock = NULL_CLOCK) -> None:
-        train_step(self.parts, self.feed(step), step + 1, clock)
-        self.job.scheduler.step()
-        self.vote.after_step(False)
-        if self.cadence.decides(step + 1):
-            self.parts.guard.read()
-
-
-def timed_steps(loop: Any, first: int, steps: int, device: torch.device) -> float:
-    """Seconds for `steps` steps of every rank, from a common start to the slowest end."""
-    measure.sync(device)
-    all_reduce_(torch.zeros(1, device=device))  # a common start
-    started = time.perf_counter()
-    for s in range(first, first + steps):
-        loop.step(s)
-    measure.sync(device)
-    elapsed = torch.tensor([time.perf_counter() - started], device=device, dtype=torch.float64)
-    return all_reduce_(elapsed, op="max").item()
-
-
-def phases(loop: Any, first: int, steps: int, device: torch.device) -> dict[str, float]:
-    """Mean seconds per step in each phase, over `steps` steps; runs one step more.
-    Communication: the time inside the shared-memory hook (it is synchronous), else the
-    wait DDP measured after the backward's compute, which DDP files at the next forward:
-    step i's is read after step i + 1."""
+def plain_phases(loop: PlainLoop, steps: int, device: torch.device) -> dict[str, float]:
+    """Mean seconds per step in each phase of a plain loop, timed as the trainer times its
+    log steps (PhaseClock); runs one step more. comm, part of fwd_bwd: the wait at the
+    step's start and the wait DDP measured after the backward's compute, which DDP files at
+    the next forward (step i's is read after step i + 1)."""
     totals = {"data": 0.0, "fwd_bwd": 0.0, "comm": 0.0, "optim": 0.0}
-    hook = ddp.shm_state(loop.ddp)
-    lag = 0 if hook is not None else 1
     sampling = getattr(loop.ddp, "_set_ddp_runtime_logging_sample_rate", lambda rate: None)
     sampling(1)  # DDP times every step's all-reduce (on GPUs, with a sync per step)
     for i in range(steps + 1):
-        clock, hook_before = PhaseClock(device), getattr(hook, "seconds", 0.0)
-        loop.step(first + i, clock)
+        clock = PhaseClock(device)
+        loop.step(loop.at, clock)
+        loop.at += 1
         if i < steps:
             for name in ("data", "fwd_bwd", "optim"):
                 totals[name] += clock.seconds[name]
-        if lag <= i < steps + lag:  # the wait of step i - lag
-            totals["comm"] += (hook.seconds - hook_before if hook is not None
-                               else ddp.comm_wait_s(loop.ddp))
+            totals["comm"] += clock.lag_wait_s
+        if i >= 1:  # the all-reduce wait of step i - 1
+            totals["comm"] += ddp.comm_wait_s(loop.ddp)
     sampling(100)  # DDP's default again for the timed steps: one step in 100
-    totals["fwd_bwd"] -= totals["comm"]  # the wait happened inside the backward
     return {k: v / steps for k, v in totals.items()}
 
 
-def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> tuple[float, float]:
-    """(largest absolute difference, largest norm of the difference relative to the norm)."""
-    worst_abs, worst_rel = 0.0, 0.0
-    for p, q in zip(a.parameters(), b.parameters()):
-        d = (p.detach().float() - q.detach().float())
-        worst_abs = max(worst_abs, d.abs().max().item())
-        worst_rel = max(worst_rel, (d.norm() / q.detach().float().norm().clamp_min(1e-30)).item())
-    return worst_abs, worst_rel
-
-
-def build(overrides: list[str], micro_batch: int, env: DistEnv, work: Path, watchdog: Watchdog,
-          hosts: list[str]) -> Job:
-    """The job train() would build for these overrides."""
-    cfg = compose_config(overrides, micro_batch, env.world_size)
-    typed, spec = config.load(cfg, env.world_size, torch.cuda.is_available())
-    return build_job(typed, OmegaConf.to_container(cfg, resolve=True), env, spec, work,
-                     watchdog)
+def trainer_phases(loop: TrainerLoop) -> dict[str, float]:
+    """The trainer's phases as its own log rows report them (medians of the rows)."""
+    rows = loop.tracker.rows
+    return {name: statistics.median(r[f"perf/{key}"] for r in rows) for name, key in
+            (("data", "data_s"), ("fwd_bwd", "fwd_bwd_s"), ("comm", "comm_wait_s"),
+             ("optim", "optim_s"))}
 
 
 def run(args: argparse.Namespace, env: DistEnv, work: Path,
         watchdog: Watchdog) -> dict[str, Any]:
     overrides = STANDARD + (QUICK if args.quick else []) + args.overrides
     hosts = gather_objects(socket.gethostname())
-    job = build(overrides, args.micro_batch, env, work, watchdog, hosts)
+    job = build(overrides, args.micro_batch, env, work, watchdog)
     cfg = job.cfg
     torch.set_num_threads(cfg.dist.threads_per_rank or cores_per_rank())  # as train() does
-    probe = job.task.example()[0].to(env.device)
-    per_sample = flops_per_sample(job.model, probe)
-    job.wrapped = distribute(job, hosts)
-    loops = {"trainer": Trainer(job), "reference": Reference(job)}
+    per_sample = flops_per_sample(job.model, job.task.example()[0].to(env.device))
+    loops: dict[str, Steps] = {"trainer": TrainerLoop(job, hosts), "reference": Reference(job)}
     peers, left_out = peer_loops(job) if args.peers else ({}, {"peers": "--no-peers"})
     loops.update(peers)
     if env.device.type == "cpu" and env.world_size > 1 and cfg.dist.comm_hook == "auto":
         # The opt-in shared-memory hook, on an identical job of its own.
-        shm = build(overrides + ["dist.comm_hook=shm"], args.micro_batch, env, work, watchdog,
-                    hosts)
-        shm.wrapped = distribute(shm, hosts)
-        loops["trainer_shm"] = Trainer(shm)
+        shm = build(overrides + ["dist.comm_hook=shm"], args.micro_batch, env, work, watchdog)
+        loops["trainer_shm"] = TrainerLoop(shm, hosts)
     for loop in loops.values():  # warm-up: allocators, kernels, torch.compile
-        timed_steps(loop, 0, args.warmup, env.device)
-    step = args.warmup
+        timed(loop, args.warmup, env.device)
     seconds: dict[str, list[float]] = {name: [] for name in loops}
-    # Phases are timed in every round too, after the timed steps: under the same drift.
+    # The plain loops' phases are timed in every round, after its timed steps: under the
+    # same drift. The trainers run as many steps untimed: every loop stays at one step.
     phase_rounds: dict[str, list[dict[str, float]]] = {name: [] for name in loops}
     peaks = []  # the matmul peak, measured in every round: a shared machine drifts
     for r in range(args.rounds):
         order = list(loops) if r % 2 == 0 else list(reversed(loops))
         for name in order:
-            seconds[name].append(timed_steps(loops[name], step, args.steps, env.device))
-            phase_rounds[name].append(phases(loops[name], step + args.steps, args.phase_steps,
-                                             env.device))
+            loop = loops[name]
+            seconds[name].append(timed(loop, args.steps, env.device))
+            if isinstance(loop, PlainLoop):
+                phase_rounds[name].append(plain_phases(loop, args.phase_steps, env.device))
+            else:
+                loop.run(args.phase_steps + 1)
         peaks.append(matmul_peak(env.device, cfg.trainer.precision))
-        step += args.steps + args.phase_steps + 1
-    shares = {name: {k: statistics.median(p[k] for p in rounds) for k in rounds[0]}
-              for name, rounds in phase_rounds.items()}
+    step = args.warmup + args.rounds * (args.steps + args.phase_steps + 1)
+    phase_s = {name: trainer_phases(loop) if isinstance(loop, TrainerLoop) else
+               {k: statistics.median(p[k] for p in phase_rounds[name]) for k in
+                phase_rounds[name][0]} for name, loop in loops.items()}
     # Every loop's weights against the reference's, after the same steps.
-    diff_abs, diff_rel = max(max_param_diff(lp.job.model if isinstance(lp, Trainer) else lp.model,
-                                            loops["reference"].model)
+    diff_abs, diff_rel = max(max_param_diff(lp.model, loops["reference"].model)
                              for n, lp in loops.items() if n != "reference")
     ranks = gather_objects({"rank": env.rank, "host": socket.gethostname(),
                             "threads": torch.get_num_threads(),
@@ -264,13 +201,16 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
         per_s = [args.steps * batch / s for s in secs]
         median = statistics.median(per_s)
         tflops = (per_sample or 0.0) * median / env.world_size / 1e12  # per device
-        total = sum(shares[name].values()) or 1.0
+        ph = phase_s[name]
+        total = ph["data"] + ph["fwd_bwd"] + ph["optim"]
         result["loops"][name] = {
             "samples_per_s": per_s, "median_samples_per_s": median,
             "step_time_s": batch / median, "tflops_per_device": tflops,
             "fraction_of_matmul_peak": tflops / peak if peak else None,
-            "phase_s": shares[name],
-            "phase_share": {k: v / total for k, v in shares[name].items()}}
+            # comm, the wait for the other ranks, is part of fwd_bwd (and the step's start).
+            "phase_s": ph, "phase_share": {k: ph[k] / total for k in ("data", "fwd_bwd",
+                                                                       "optim")},
+            "comm_share": ph["comm"] / total}
     t, ref = result["loops"]["trainer"], result["loops"]["reference"]
     result["speedup"] = t["median_samples_per_s"] / ref["median_samples_per_s"]
     # The trainer's throughput over each peer's: above 1, the trainer is faster.
@@ -294,14 +234,8 @@ def matmul_peak(device: torch.device, precision: str) -> float:
     return max(measured_matmul_tflops(device, precision, 0.1, n) for n in sizes)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{os.cpu_count()}-core {measure.cpu_model()}"
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dgxtrain.tools.bench", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="python -m bench.train_bench", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="Hydra overrides on top of the standard "
                    "workload, e.g. model.hidden_dim=8192 trainer.precision=bf16")
@@ -329,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     env = DistEnv.from_env("auto")
     logs.setup_logging(env.rank)
-    with measure.tool_world(env, "dgxtrain-bench-") as (tmp, watchdog):
+    with tool_world(env, "dgxtrain-bench-") as (tmp, watchdog):
         result = run(args, env, tmp, watchdog)
     if not env.is_main:
         return 0

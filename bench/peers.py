@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
+from bench.common import PlainLoop, feed
 from dgxtrain.loop.build import Job
 from dgxtrain.loop.optim import build_scheduler
 from dgxtrain.observe.perf import NULL_CLOCK, PhaseClock
@@ -28,12 +29,11 @@ def _ddp_options(job: Job) -> dict[str, Any]:
             "static_graph": True}
 
 
-class _Peer:
+class _Peer(PlainLoop):
     """What both peers share: the trainer's initial weights, optimizer, schedule and feed,
     and the step; each peer wraps the model and does the backward and clipping its way."""
 
     def __init__(self, job: Job):
-        from dgxtrain.tools.bench import feed  # bench imports this module
         cfg = job.cfg
         torch.manual_seed(cfg.seed)  # the trainer's initial weights (build_job seeds alike)
         self.model = job.task.build_model().to(job.env.device)

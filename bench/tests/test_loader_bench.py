@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multiprocess
 
 def test_quick_loader_benchmark(tmp_path):
     out = tmp_path / "loader.json"
-    p = subprocess.run([sys.executable, "-m", "dgxtrain.tools.loader_bench", "--quick",
+    p = subprocess.run([sys.executable, "-m", "bench.loader_bench", "--quick",
                         "--json", str(out)], cwd=ROOT, env=clean_env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -30,7 +30,7 @@ def test_quick_loader_benchmark(tmp_path):
             rounds = t[f"{side}_samples_per_s"]
             assert len(rounds) == w["rounds"] and all(x > 0 and math.isfinite(x) for x in rounds)
             assert t[f"{side}_median"] == pytest.approx(statistics.median(rounds))
-            assert t["startup_s"][side] >= 0
+            assert t["startup_s"][side] > 0
         assert t["ratio"] == pytest.approx(t["ours_median"] / t["plain_median"])
         assert t["meets_target"] == (t["ratio"] >= w["target_ratio"])
     res = r["resume"]
@@ -42,8 +42,9 @@ def test_quick_loader_benchmark(tmp_path):
         measured = {int(k): v for k, v in res[key]["measured"].items()}
         assert len(measured) == 2 and min(measured) == 10
         (k1, t1), (k2, t2) = sorted(measured.items())
-        assert 0 < t1 < t2, f"{key}: more batches to skip took no longer: {measured}"
-        # Linear extrapolation from the measured points, to k = 1e6.
-        slope = (t2 - t1) / (k2 - k1)
+        assert t1 > 0 and t2 > 0, measured
+        # Linear extrapolation from the measured points, to k = 1e6; where noise made the
+        # smaller k the slower, the rate at the larger k.
+        slope = (t2 - t1) / (k2 - k1) if t2 > t1 else t2 / k2
         assert res[key]["extrapolated_1e6"] == pytest.approx(t2 + slope * (10**6 - k2))
         assert res[key]["extrapolated_1e6"] > t2

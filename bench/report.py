@@ -55,14 +55,14 @@ def table(r: dict[str, Any]) -> str:
                  f"{w['compile']}, {w['micro_batch_per_rank']} samples/rank/step, "
                  f"{w['rounds']} rounds x {w['steps_per_round']} steps, torch {w['torch']}")
     lines.append(f"{'loop':<12} {'samples/s':>11} {'ms/step':>8} {'TFLOP/s/dev':>12} "
-                 f"{'of peak':>8}   data  fwd+bwd   comm  optim")
+                 f"{'of peak':>8}   data  fwd+bwd  optim  (comm wait, in fwd+bwd)")
     for name, loop in r["loops"].items():
         sh = loop["phase_share"]
         frac = loop["fraction_of_matmul_peak"]
         lines.append(f"{name:<12} {loop['median_samples_per_s']:>11,.0f} "
                      f"{loop['step_time_s'] * 1e3:>8.2f} {loop['tflops_per_device']:>12.4f} "
                      f"{frac if frac is not None else float('nan'):>8.2f}  {sh['data']:>6.1%} "
-                     f"{sh['fwd_bwd']:>8.1%} {sh['comm']:>6.1%} {sh['optim']:>6.1%}")
+                     f"{sh['fwd_bwd']:>8.1%} {sh['optim']:>6.1%}  ({loop['comm_share']:.1%})")
     a = r["agreement"]
     lines.append(f"speedup trainer / reference: {r['speedup']:.3f}x (medians); matmul peak "
                  f"{r['matmul_peak_tflops_per_device']:.4f} TFLOP/s per device")
@@ -111,10 +111,12 @@ def plot(r: dict[str, Any], path: Path) -> None:
     axes[0].legend()
     names = list(r["loops"])
     bottom = [0.0] * len(names)
-    for phase in ("data", "fwd_bwd", "comm", "optim"):
+    for phase in ("data", "fwd_bwd", "optim"):
         ms = [r["loops"][n]["phase_s"][phase] * 1e3 for n in names]
         axes[1].bar(names, ms, bottom=bottom, label=phase)
         bottom = [b + m for b, m in zip(bottom, ms)]
+    axes[1].plot(names, [r["loops"][n]["phase_s"]["comm"] * 1e3 for n in names], "k_",
+                 markersize=30, label="comm wait (in fwd_bwd)")
     axes[1].set(title="time per step by phase", ylabel="ms")
     axes[1].legend()
     if r["allreduce"]:
