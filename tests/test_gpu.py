@@ -15,7 +15,7 @@ from dgxtrain.data.synthetic import SyntheticRegression
 from dgxtrain.loop.step import train_step
 from dgxtrain.loop.train import train
 from tests.conftest import ROOT, clean_env, compose_cfg, kill_tree, losses, read_metrics, run_ok
-from tests.test_step import make_parts
+from tests.loop.test_step import make_parts
 
 pytestmark = pytest.mark.gpu
 

@@ -20,20 +20,23 @@ from dgxtrain.config.groups import (
 from dgxtrain.config.schemas import SECTIONS, TARGET_GROUPS, Config, LoggerConfig, TrainerConfig
 from dgxtrain.errors import ConfigError
 
+# The schemas a group file extends through its defaults list (`defaults: [mlp_schema]`),
+# by (group, name); the root config extends config_schema.
+GROUP_SCHEMAS = {
+    ("model", "linear_schema"): LinearModelConfig,
+    ("model", "mlp_schema"): MLPModelConfig,
+    ("data", "synthetic_schema"): SyntheticDataConfig,
+    ("data", "dataset_schema"): DatasetDataConfig,
+    ("optim", "adamw_schema"): AdamWConfig,
+    ("optim", "sgd_schema"): SGDConfig,
+    ("logger", "logger_schema"): LoggerConfig,
+}
+
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for group, name, node in [
-        ("model", "linear_schema", LinearModelConfig),
-        ("model", "mlp_schema", MLPModelConfig),
-        ("data", "synthetic_schema", SyntheticDataConfig),
-        ("data", "dataset_schema", DatasetDataConfig),
-        ("optim", "adamw_schema", AdamWConfig),
-        ("optim", "sgd_schema", SGDConfig),
-        ("trainer", "trainer_schema", TrainerConfig),
-        ("logger", "logger_schema", LoggerConfig),
-    ]:
+    for (group, name), node in GROUP_SCHEMAS.items():
         cs.store(group=group, name=name, node=node)
 
 

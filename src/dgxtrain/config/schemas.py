@@ -42,8 +42,8 @@ class TrainerConfig(Checked):
     compile: bool = False
     """torch.compile the model; falls back to eager with a log line if compilation fails."""
     log_every: int = 10
-    """Steps between metric lines. These are also the steps where the host reads the
-    ranks' decisions (stop, non-finite): a stop is honoured within log_every steps."""
+    """Steps between metric lines. The host also reads the non-finite guard's counters on
+    these steps (a stop is voted on after every step, whatever this is)."""
     eval_every: int = 0
     """Steps between evaluations; 0 = evaluate at the end only."""
     eval_batch_size: int = 1024

@@ -90,7 +90,7 @@ from dgxtrain.distributed.collectives import process_group
 from dgxtrain.distributed.env import DistEnv
 from dgxtrain.loop.step import train_step
 from dgxtrain.observe.model_stats import param_sha256
-from tests.test_step import make_parts
+from tests.loop.test_step import make_parts
 env = DistEnv.from_env("cpu")
 with process_group(env, timeout_s=60):
     parts, schedule = make_parts(fused=sys.argv[1] == "fused", mode="skip")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.checkpoint.test_checkpoint import step_losses
 from tests.conftest import ROOT, children, clean_env, cli_args, kill_tree, run_cli, run_ok
-from tests.test_checkpoint import step_losses
 
 pytestmark = pytest.mark.multiprocess
 
