@@ -107,7 +107,7 @@ def _order_digest(sched: GlobalBatchSchedule, steps: range) -> str:
 
 def test_the_order_is_the_one_checkpoints_were_made_with():
     # A run resumed by a newer dgxtrain must see the samples its checkpoint expects. The
-    # digests are of the order before it moved to the host (issue 15): dgx_8gpu's shapes
+    # digests pin the order as checkpoints were made with it: dgx_8gpu's shapes
     # (rank 3 of 8, 8192 samples each, so 20 steps cross two 8-step chunks; 1e9 samples
     # cycle-walk), and a small set whose stream crosses passes.
     dgx = GlobalBatchSchedule(10**9, 1, 65536, 3, 8, 8192)

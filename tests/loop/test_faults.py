@@ -109,11 +109,12 @@ def test_a_hung_rank_ends_the_job_with_every_stack_written(tmp_path):
     # collective failed. Either way a dump of its main thread inside train().
     where = [ln for ln in stacks[0].splitlines() if "dgxtrain" in ln or "distributed" in ln]
     assert "loop/train.py" in stacks[0], where
-    if "run_loop" in stacks[0]:
-        # In a collective of the loop: the step's, or a log step's start-together all-reduce
-        # (perf.py), caught inside it or, once rank 1 died, in c10d's error logging around it.
+    if "loop/loop.py" in stacks[0]:
+        # In a collective of the loop: the step's, the stop vote's (preempt.py), or a log
+        # step's start-together all-reduce (perf.py), caught inside it or, once rank 1 died,
+        # in c10d's error logging around it.
         assert any(w in stacks[0] for w in ("train_step", "all_reduce", "all_gather",
-                                            "observe/perf.py")), where
+                                            "distributed/preempt.py", "observe/perf.py")), where
 
 
 def test_nan_on_one_rank_stops_every_rank_before_the_update(tmp_path):
