@@ -64,8 +64,11 @@ def table(r: dict[str, Any]) -> str:
                      f"{frac if frac is not None else float('nan'):>8.2f}  {sh['data']:>6.1%} "
                      f"{sh['fwd_bwd']:>8.1%} {sh['optim']:>6.1%}  ({loop['comm_share']:.1%})")
     a = r["agreement"]
-    lines.append(f"speedup trainer / reference: {r['speedup']:.3f}x (medians); matmul peak "
-                 f"{r['matmul_peak_tflops_per_device']:.4f} TFLOP/s per device")
+    n = r["noise"]
+    lines.append(f"speedup trainer / reference (both copies): {r['speedup']:.3f}x (medians), "
+                 f"{r['paired_speedup']:.3f}x (median of the rounds' ratios); the noise, "
+                 f"reference_2 / reference: {n['speedup']:.3f}x, {n['paired_speedup']:.3f}x")
+    lines.append(f"matmul peak {r['matmul_peak_tflops_per_device']:.4f} TFLOP/s per device")
     if "speedup_shm" in r:
         lines.append(f"speedup trainer_shm / reference: {r['speedup_shm']:.3f}x (opt-in "
                      "dist.comm_hook=shm)")

@@ -9,9 +9,12 @@ root. In one invocation:
     that keep the rows in memory; the same with the opt-in shared-memory hook (CPU ranks);
     a reference loop: a plain DistributedDataParallel loop tuned as a user would tune it
     (fused optimizer, gradient_as_bucket_view, static_graph, the same bucket size) doing
-    the same maths (model, data, batch, optimizer, schedule, clipping); and the same step
-    as Lightning Fabric and Accelerate users write it (peers.py); interleaved in rounds, in
-    alternating order, so drift on a shared machine hits all of them; medians of the rounds;
+    the same maths (model, data, batch, optimizer, schedule, clipping), twice, built alike:
+    the reference is the two copies' mean, and their ratio is the noise of the comparison;
+    and the same step as Lightning Fabric and Accelerate users write it (peers.py);
+    interleaved in rounds, in an order shuffled each round, so drift on a shared machine
+    hits all of them; medians of the rounds, and the median of each round's ratio to the
+    reference;
   - their parameters after the same steps: equal within 1e-5 in fp32;
   - FLOP/s (counted by torch.utils.flop_counter) against a matmul peak measured here;
   - all-reduce algbw/busbw over message sizes (nccl-tests definitions);
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import random
 import socket
 import statistics
 import sys
@@ -140,9 +144,17 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
     hosts = gather_objects(socket.gethostname())
     job = build(overrides, args.micro_batch, env, work, watchdog)
     cfg = job.cfg
+    if args.steps % cfg.trainer.log_every:
+        # A round holding a log step more or less than another would skew the medians.
+        raise SystemExit(f"--steps {args.steps} is not a multiple of trainer.log_every="
+                         f"{cfg.trainer.log_every}: every round must hold as many log steps; "
+                         f"fix: --steps {cfg.trainer.log_every}")
     torch.set_num_threads(cfg.dist.threads_per_rank or cores_per_rank())  # as train() does
     per_sample = flops_per_sample(job.model, job.task.example()[0].to(env.device))
-    loops: dict[str, Steps] = {"trainer": TrainerLoop(job, hosts), "reference": Reference(job)}
+    # reference_2, built alike, is the noise control: how far two identical loops land apart
+    # side by side in this run.
+    loops: dict[str, Steps] = {"trainer": TrainerLoop(job, hosts), "reference": Reference(job),
+                               "reference_2": Reference(job)}
     peers, left_out = peer_loops(job) if args.peers else ({}, {"peers": "--no-peers"})
     loops.update(peers)
     if env.device.type == "cpu" and env.world_size > 1 and cfg.dist.comm_hook == "auto":
@@ -157,7 +169,9 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
     phase_rounds: dict[str, list[dict[str, float]]] = {name: [] for name in loops}
     peaks = []  # the matmul peak, measured in every round: a shared machine drifts
     for r in range(args.rounds):
-        order = list(loops) if r % 2 == 0 else list(reversed(loops))
+        # Shuffled by the round's number (alike on every rank): each loop follows each other
+        # in some rounds, so what one leaves behind (caches, threads) hits all of them.
+        order = random.Random(r).sample(list(loops), len(loops))
         for name in order:
             loop = loops[name]
             seconds[name].append(timed(loop, args.steps, env.device))
@@ -211,20 +225,34 @@ def run(args: argparse.Namespace, env: DistEnv, work: Path,
             "phase_s": ph, "phase_share": {k: ph[k] / total for k in ("data", "fwd_bwd",
                                                                        "optim")},
             "comm_share": ph["comm"] / total}
-    t, ref = result["loops"]["trainer"], result["loops"]["reference"]
-    result["speedup"] = t["median_samples_per_s"] / ref["median_samples_per_s"]
+    loops_out = result["loops"]
+    t, a, b = (loops_out[n]["samples_per_s"] for n in ("trainer", "reference", "reference_2"))
+    # The reference is both copies: each round's mean. Each round's loops ran close together,
+    # so a round's ratio is free of the drift between rounds: the median of those ratios.
+    reference = [(x + y) / 2 for x, y in zip(a, b)]
+    result["reference_samples_per_s"] = reference
+    result["speedup"] = statistics.median(t) / statistics.median(reference)
+    result["paired_speedup"] = paired(t, reference)
+    # How far two identical loops land apart side by side in this run.
+    result["noise"] = {"speedup": statistics.median(b) / statistics.median(a),
+                       "paired_speedup": paired(b, a)}
     # The trainer's throughput over each peer's: above 1, the trainer is faster.
-    result["trainer_vs"] = {name: t["median_samples_per_s"] / result["loops"][name][
+    result["trainer_vs"] = {name: statistics.median(t) / loops_out[name][
         "median_samples_per_s"] for name in peers}
-    if "trainer_shm" in result["loops"]:
-        result["speedup_shm"] = (result["loops"]["trainer_shm"]["median_samples_per_s"]
-                                 / ref["median_samples_per_s"])
+    if "trainer_shm" in loops_out:
+        result["speedup_shm"] = (loops_out["trainer_shm"]["median_samples_per_s"]
+                                 / statistics.median(reference))
     result["matmul_peak_tflops_per_device"] = peak
     sheet, source = peak_tflops(env.device, cfg.trainer.precision)
     if env.device.type == "cuda" and "data sheet" in source:
         result["mfu_vs_data_sheet"] = t["tflops_per_device"] / sheet
         result["data_sheet_peak_tflops"] = sheet
     return result
+
+
+def paired(loop: list[float], ref: list[float]) -> float:
+    """The median over rounds of a loop's samples/s over the reference's in that round."""
+    return statistics.median(x / y for x, y in zip(loop, ref))
 
 
 def matmul_peak(device: torch.device, precision: str) -> float:
@@ -241,8 +269,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "workload, e.g. model.hidden_dim=8192 trainer.precision=bf16")
     p.add_argument("--quick", action="store_true", help="a small model and few steps (CI)")
     p.add_argument("--micro-batch", type=int, default=256, help="samples per rank and step")
-    p.add_argument("--rounds", type=int, help="interleaved rounds (default 11; quick 2)")
-    p.add_argument("--steps", type=int, help="steps per loop and round (default 20; quick 5)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 41; quick 2)")
+    p.add_argument("--steps", type=int, help="steps per loop and round, a multiple of trainer.log_every (default 10; quick 5)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--png", type=Path, help="plot them here (needs matplotlib)")
     p.add_argument("--no-peers", dest="peers", action="store_false",
@@ -250,8 +278,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory and launch-time runs of the CLI")
     args = p.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 11)
-    args.steps = args.steps or (5 if args.quick else 20)
+    args.rounds = args.rounds or (2 if args.quick else 41)
+    args.steps = args.steps or (5 if args.quick else 10)
     args.warmup, args.phase_steps = (2, 2) if args.quick else (5, 3)
     for name in ("rounds", "steps", "micro_batch"):
         if getattr(args, name) < 1:

@@ -25,8 +25,8 @@ def test_quick_benchmark_on_two_ranks(tmp_path):
     # The default path, the tuned plain DDP loop, the peers' loops (the dev extra installs
     # them), and the opt-in shared-memory path.
     assert r["workload"]["world_size"] == 2
-    assert r["workload"]["loops"] == ["trainer", "reference", "fabric", "accelerate",
-                                      "trainer_shm"]
+    assert r["workload"]["loops"] == ["trainer", "reference", "reference_2", "fabric",
+                                      "accelerate", "trainer_shm"]
     assert r["workload"]["loops_left_out"] == {}
     # Every loop ran every round, and the reported figures follow from the raw ones.
     for name in r["workload"]["loops"]:
@@ -45,9 +45,20 @@ def test_quick_benchmark_on_two_ranks(tmp_path):
         assert 0 < loop["fraction_of_matmul_peak"] < 2, (name, loop)
         tflops = r["workload"]["flops_per_sample"] * loop["median_samples_per_s"] / 2 / 1e12
         assert math.isclose(loop["tflops_per_device"], tflops, rel_tol=1e-9)
+    # The reference is the mean of its two copies in each round; the speedups are over it,
+    # by medians and as the median of the rounds' ratios; the noise is copy over copy.
+    rounds = {name: r["loops"][name]["samples_per_s"] for name in r["workload"]["loops"]}
+    reference = [(a + b) / 2 for a, b in zip(rounds["reference"], rounds["reference_2"])]
+    assert r["reference_samples_per_s"] == pytest.approx(reference, rel=1e-12)
     for key, name in (("speedup", "trainer"), ("speedup_shm", "trainer_shm")):
-        assert math.isclose(r[key], r["loops"][name]["median_samples_per_s"]
-                            / r["loops"]["reference"]["median_samples_per_s"], rel_tol=1e-9)
+        assert math.isclose(r[key], statistics.median(rounds[name]) / statistics.median(
+            reference), rel_tol=1e-9)
+    assert math.isclose(r["paired_speedup"], statistics.median(
+        t / ref for t, ref in zip(rounds["trainer"], reference)), rel_tol=1e-9)
+    assert math.isclose(r["noise"]["speedup"], statistics.median(rounds["reference_2"])
+                        / statistics.median(rounds["reference"]), rel_tol=1e-9)
+    assert math.isclose(r["noise"]["paired_speedup"], statistics.median(
+        b / a for a, b in zip(rounds["reference"], rounds["reference_2"])), rel_tol=1e-9)
     for name in ("fabric", "accelerate"):
         assert math.isclose(r["trainer_vs"][name], r["loops"]["trainer"]["median_samples_per_s"]
                             / r["loops"][name]["median_samples_per_s"], rel_tol=1e-9)
@@ -77,3 +88,12 @@ def test_a_peer_is_found_under_any_of_its_package_names():
     from bench import peers
     assert peers._installed(("no_such_package", "json")) == "json"
     assert peers._installed(("no_such_package.sub", "no_such_package")) is None
+
+
+def test_rounds_hold_as_many_log_steps():
+    # Quick mode logs every 5 steps: rounds of 3 would hold a log step or none.
+    p = subprocess.run([sys.executable, "-m", "bench.train_bench", "--quick", "--steps", "3",
+                        "--no-memory", "--no-peers"], cwd=ROOT, env=clean_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "--steps 3 is not a multiple of trainer.log_every=5" in p.stderr, p.stderr[-2000:]
