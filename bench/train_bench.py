@@ -270,7 +270,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a small model and few steps (CI)")
     p.add_argument("--micro-batch", type=int, default=256, help="samples per rank and step")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 41; quick 2)")
-    p.add_argument("--steps", type=int, help="steps per loop and round, a multiple of trainer.log_every (default 10; quick 5)")
+    p.add_argument("--steps", type=int, help="steps per loop and round, a multiple of "
+                   "trainer.log_every (default 10; quick 5)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--png", type=Path, help="plot them here (needs matplotlib)")
     p.add_argument("--no-peers", dest="peers", action="store_false",
