@@ -20,8 +20,6 @@ if [[ -n ${SLURM_STEP_ID:-} && -n ${MASTER_ADDR:-} ]]; then
         --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT")
 else
   rdzv=(--standalone)
-  # A readable run dir name that every rank agrees on (a SLURM job names its own).
-  [[ -n ${SLURM_JOB_ID:-} ]] || export DGXTRAIN_RUN_ID=${DGXTRAIN_RUN_ID:-$(date +%Y-%m-%d_%H-%M-%S)}
 fi
 # After a SIGTERM torchrun waits this long for its workers before it kills them. They stop
 # after the step in progress and checkpoint; torchrun's own 30 s may not cover a large save.

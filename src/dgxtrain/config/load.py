@@ -17,6 +17,7 @@ from dgxtrain.config.groups import (
     SGDConfig,
     SyntheticDataConfig,
 )
+from dgxtrain.config.identity import run_name
 from dgxtrain.config.schemas import SECTIONS, TARGET_GROUPS, Config, LoggerConfig, TrainerConfig
 from dgxtrain.errors import ConfigError
 
@@ -38,6 +39,10 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     for (group, name), node in GROUP_SCHEMAS.items():
         cs.store(group=group, name=name, node=node)
+    # The run dir's name (conf/config.yaml): the same for the same config, so a rerun
+    # continues its run.
+    OmegaConf.register_new_resolver("dgx_run_name", lambda *, _root_: run_name(_root_),
+                                    replace=True)
 
 
 # --- loading ------------------------------------------------------------------------

@@ -206,6 +206,10 @@ class LoggerConfig(Checked):
 
 @dataclass
 class Config(Checked):
+    run_name: str | None = None
+    """The run dir's name (under outputs/): launched again, the run continues there. Unset,
+    the name is <experiment>-<a digest of the config> (docs/checkpoints.md), or the SLURM
+    job's id; DGXTRAIN_RUN_ID overrides both."""
     seed: int = 0
     """Seeds the model init, the data and the sample order."""
     device: str = "auto"

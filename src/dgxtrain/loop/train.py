@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dgxtrain import checkpoint
-from dgxtrain.config import load
+from dgxtrain.config import Config, RunSpec, load
 from dgxtrain.distributed import ddp
 from dgxtrain.distributed.collectives import broadcast_object, gather_objects, process_group
 from dgxtrain.distributed.env import DistEnv, cores_per_rank, world_size_from_env
@@ -22,6 +22,7 @@ from dgxtrain.distributed.watchdog import Watchdog
 from dgxtrain.loop.build import Job, build_job, describe, distribute
 from dgxtrain.loop.guard import halt_error
 from dgxtrain.loop.loop import Loop
+from dgxtrain.loop.run_dir import holding
 from dgxtrain.loop.saving import finished, resume
 from dgxtrain.loop.state import StopReason, TrainState
 from dgxtrain.loop.stopping import Stopping
@@ -37,6 +38,13 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     config, spec = load(cfg, world_size_from_env(), torch.cuda.is_available())
     env = DistEnv.from_env(config.device)
     run_dir = run_dir or _hydra_run_dir()
+    with holding(run_dir, env.is_main):  # one launch per run dir: before its log is touched
+        return _train(cfg, config, spec, env, run_dir)
+
+
+def _train(cfg: DictConfig, config: Config, spec: RunSpec, env: DistEnv,
+           run_dir: Path) -> dict[str, Any]:
+    """The run in `run_dir`, which this launch holds."""
     logs.setup_logging(env.rank, run_dir)
     stopping = Stopping(config, env, run_dir)
     with stopping, Watchdog(run_dir, env.rank) as watchdog:  # this order: see Watchdog
@@ -79,6 +87,11 @@ def _run(job: Job, stopping: Stopping) -> tuple[TrainState, dict[str, Any]]:
                      "trainer.max_steps to train on", state.step, job.run_dir / "summary.json")
             state.stop_reason = StopReason(done.get("stop_reason", "max_steps"))
             return state, done
+        log.info("run dir %s: continuing from step %d (checkpoint.resume=never starts over; "
+                 "run_name=<name> runs in a dir of its own)", job.run_dir, state.step)
+    else:
+        log.info("run dir %s: a new run (launched again with the same config, it continues "
+                 "here)", job.run_dir)
     derived = describe(job, hosts)
     job.wrapped = distribute(job, hosts)
     tracker = build_tracker(cfg, env.is_main, job.run_dir,
@@ -86,8 +99,8 @@ def _run(job: Job, stopping: Stopping) -> tuple[TrainState, dict[str, Any]]:
     tracker.load_state_dict(saved.get("tracker", {}))
     # No secret (an API key interpolated into the config, say) reaches a file or W&B.
     tracker.log_config(redact(job.resolved), redact(derived))
-    log.info("run dir %s (a rank stuck for dist.timeout_s=%gs writes its stack to stacks/ "
-             "and ends the job)", job.run_dir, cfg.dist.timeout_s)
+    log.info("a rank stuck for dist.timeout_s=%gs writes its stack to %s and ends the job",
+             cfg.dist.timeout_s, job.run_dir / "stacks")
     log.info("start: %s", " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in derived.items()))
     # Starts at the resumed step: a seek, no replay, nothing read ahead from before.
