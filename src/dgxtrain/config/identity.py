@@ -55,7 +55,8 @@ def run_name(root: DictConfig, env: Mapping[str, str] = os.environ) -> str:
                               "'_' and '-', starting with a letter or digit)",
                               "run_name=my_run")
         return str(named)
-    if slurm.run_id(env):
-        return slurm.run_id(env)  # type: ignore[return-value]
+    job = slurm.run_id(env)
+    if job:
+        return job
     experiment = OmegaConf.select(root, "hydra.runtime.choices.experiment", default=None)
     return f"{experiment or 'run'}-{config_digest(root)}"
