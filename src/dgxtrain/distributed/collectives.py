@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
 from collections.abc import Iterator
@@ -43,7 +44,11 @@ def process_group(env: DistEnv, timeout_s: float = 1800) -> Iterator[None]:
     try:
         yield
     finally:
+        # What still holds the group (a DDP reducer, a finished Work in a cycle) must go while
+        # the interpreter is alive: freed at exit, gloo's threads can abort the process.
+        gc.collect()
         tdist.destroy_process_group()
+        gc.collect()
 
 
 def all_reduce_(t: torch.Tensor, mean: bool = False, op: str = "sum") -> torch.Tensor:

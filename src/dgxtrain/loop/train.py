@@ -3,7 +3,6 @@ save and stop; what is trained is the task's (tasks/)."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import socket
 from pathlib import Path
@@ -61,9 +60,8 @@ def _train(cfg: DictConfig, config: Config, spec: RunSpec, env: DistEnv,
                 state, summary = _run(job, stopping)
             finally:
                 # DDP's reducer holds the process group. Freed later, its destructor would
-                # join gloo's threads with the GIL held and can deadlock: free it now.
+                # join gloo's threads with the GIL held and can deadlock: let it go now.
                 job.wrapped = None
-                gc.collect()
                 checkpoint.finish_pruning()
             stopping.report(state)
     if state.stop_reason.failed:
