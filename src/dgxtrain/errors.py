@@ -38,6 +38,8 @@ def constructing(group: str, node: DictConfig) -> Iterator[None]:
         yield
     except InstantiationException as e:
         cause = e.__cause__ or e
+        if isinstance(cause, ConfigError):  # a class of ours that names the setting itself
+            raise cause from e
         raise ConfigError(f"{group}._target_", node.get("_target_"),
                           f"its constructor failed ({first_line(cause)})",
                           f"make the {group}.* keys match that class's arguments") from e

@@ -79,6 +79,37 @@ class Column(torch.nn.Module):
         return self.linear(x)
 
 
+class Scores(Column):
+    """A dict without logits."""
+
+    def forward(self, x):
+        return {"scores": self.linear(x)}
+
+
+class Pair(Column):
+    """(logits, None): a tuple, whose element 0 the loss gets."""
+
+    def forward(self, x):
+        return self.linear(x), None
+
+
+class IgnoresLabels(Column):
+    """Takes labels, and still returns only its logits."""
+
+    def forward(self, x, labels=None):
+        return self.linear(x)
+
+
+class FloatLabels(Triples):
+    def __getitem__(self, i: int):
+        return torch.zeros(64), torch.tensor(float(i % 10))
+
+
+class Int32Labels(Triples):
+    def __getitem__(self, i: int):
+        return torch.zeros(64), torch.tensor(i % 10, dtype=torch.int32)
+
+
 def _error(tmp_path, overrides: list[str]) -> str:
     with pytest.raises(ConfigError) as e:
         train(compose_cfg(overrides), tmp_path)
@@ -107,6 +138,40 @@ def test_an_output_that_does_not_fit_the_loss(tmp_path):
     line = _error(tmp_path / "column", ["device=cpu", "model=linear", f"model._target_={HERE}"
                                         ".Column", "logger=none"])
     assert "output [8, 1] float32 and the target [8] float32 differ in shape" in line
+
+
+def test_outputs_with_no_logits_or_no_loss(tmp_path):
+    mine = ["model=linear", "model.in_dim=64"]
+    line = _error(tmp_path, DIGITS + mine + [f"model._target_={HERE}.Scores"])
+    assert line.startswith(f"model._target_={HERE}.Scores: returned {{scores: [8, 1] float32}}, "
+                           "with no logits tensor in it; fix: return a tensor, a tuple")
+    # A tuple whose logits do not fit the loss: perhaps the model computes its own.
+    line = _error(tmp_path, ["device=cpu", "model=linear", f"model._target_={HERE}.Pair",
+                             "logger=none"])
+    assert "output [8, 1] float32 and the target [8] float32 differ in shape" in line
+    assert line.endswith("if the model computes its own loss, use loss=model")
+    line = _error(tmp_path, DIGITS + ["loss=model"])
+    assert line.startswith("loss.target_arg=labels: is not an argument of "
+                           "dgxtrain.tasks.examples.digits.DigitsMLP's forward() (TypeError:")
+    assert line.endswith("fix: set loss.target_arg to the name its forward() gives the target "
+                         "(e.g. targets)")
+    line = _error(tmp_path, DIGITS + mine + [f"model._target_={HERE}.IgnoresLabels",
+                                             "loss=model"])
+    assert line.startswith("loss=model: the model's output [8, 1] float32 holds no scalar loss "
+                           "(.loss, ['loss'] or element 1); fix: return the loss from forward() "
+                           "when it is given labels=")
+    line = _error(tmp_path, DIGITS + ["loss=model", "loss.target_arg='two words'"])
+    assert line.startswith("loss.target_arg=two words: is not an argument name; fix:")
+
+
+@pytest.mark.parametrize("labels, dtype", [("FloatLabels", "float32"),
+                                           ("Int32Labels", "int32")])
+def test_class_targets_of_another_dtype(tmp_path, labels, dtype):
+    line = _error(tmp_path, DIGITS + [f"data.train={{_target_:{HERE}.{labels}}}"])
+    assert line.startswith(f"loss._target_=torch.nn.CrossEntropyLoss: takes class indices as "
+                           f"the target, and the target is {dtype} (the model's output [8, 10] "
+                           f"float32 and the target [8] {dtype}); fix: return the target as an "
+                           "int64 tensor (torch.long) from the dataset's __getitem__")
 
 
 def test_a_train_set_smaller_than_one_global_batch(tmp_path):

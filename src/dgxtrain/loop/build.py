@@ -30,6 +30,7 @@ from dgxtrain.loop.optim import build_optimizer, build_scheduler
 from dgxtrain.observe.model_stats import count_parameters, flops_per_sample
 from dgxtrain.observe.peak import peak_tflops
 from dgxtrain.tasks import Task, TaskLoss
+from dgxtrain.tasks.base import Batch
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,17 @@ def make_autocast(device: torch.device, precision: str) -> Callable:
                              enabled=precision == "bf16")
 
 
-def compile_or_eager(model: torch.nn.Module, task: Task, example: Any, autocast: Callable,
+def compile_or_eager(model: torch.nn.Module, task: Task, example: Batch, autocast: Callable,
                      device: torch.device) -> torch.nn.Module:
     """torch.compile, proven by one forward/backward; eager on every rank if any rank fails."""
+    inputs, target = example
     try:
         compiled = torch.compile(model)
         # no_sync: a rank whose compile fails must not leave the others in an all-reduce.
         with grad_sync(compiled, False):
             with autocast():
-                out = task.forward(compiled, example)
-            out.float().sum().backward()
+                loss = task.loss.mean(task.forward(compiled, inputs, target), target)
+            loss.backward()
         ok = True
     except Exception as e:  # backend missing, no C++ compiler, an untraceable user model
         log.warning("torch.compile failed (%s: %s); training eagerly",
@@ -141,7 +143,7 @@ def distribute(job: Job, hosts: list[str]) -> torch.nn.Module:
             log.info("this torch's DDP has no runtime logging: perf/comm_wait_s holds only "
                      "the wait at the start of log steps")
     if job.cfg.trainer.compile:
-        example = to_device(job.task.example(job.spec.micro_batch_size)[0], env.device)
+        example = to_device(job.task.example(job.spec.micro_batch_size), env.device)
         wrapped = compile_or_eager(wrapped, job.task, example, job.autocast, env.device)
     return wrapped
 
@@ -150,7 +152,8 @@ def describe(job: Job, hosts: list[str]) -> dict[str, Any]:
     """The derived values logged at start (and stored as derived.json). Before distribute()."""
     env, model = job.env, job.model
     inputs, target = to_device(job.task.example(), env.device)
-    per_sample = flops_per_sample(model, inputs, len(target))
+    per_sample = flops_per_sample(model, inputs, len(target),
+                                  **job.task.loss.model_kwargs(target))
     cuda = env.device.type == "cuda"
     # Only rank 0 reports MFU; on a CPU its peak is measured, which takes a moment.
     peak, source = (peak_tflops(env.device, job.cfg.trainer.precision) if env.is_main

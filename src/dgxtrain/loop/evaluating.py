@@ -15,6 +15,7 @@ from dgxtrain.loop.state import TrainState
 from dgxtrain.loop.step import StepOutput
 from dgxtrain.observe.trackers import NullTracker
 from dgxtrain.tasks import Task
+from dgxtrain.tasks.losses import logits
 
 
 class Evaluating:
@@ -52,8 +53,10 @@ def evaluate(task: Task, model: torch.nn.Module, env: DistEnv, batch_size: int,
     sums = [torch.zeros(m.size, dtype=torch.float64, device=env.device) for m in metrics]
     for inputs, target in task.eval_batches(env.rank, env.world_size, batch_size, env.device):
         with autocast():
-            output = task.forward(model, inputs)
-        sums = [s + m.statistics(output, target) for s, m in zip(sums, metrics)]
+            output = task.forward(model, inputs, target)
+        scores = logits(output)
+        sums = [s + m.statistics(output if m.whole_output else scores, target)
+                for s, m in zip(sums, metrics)]
     model.train(was_training)
     totals = all_reduce_(torch.cat(sums)).tolist()
     out: dict[str, float] = {}

@@ -56,7 +56,7 @@ def train_step(parts: StepParts, micro_batches: list[Batch], step: int,
         # DDP all-reduces the gradients in the last micro-batch's backward only.
         with grad_sync(model, enabled=i == accum - 1):
             with parts.autocast():
-                output = parts.task.forward(model, inputs)
+                output = parts.task.forward(model, inputs, target)
             # Averaged over ranks by DDP, each share adds up to the global batch's mean.
             loss = (loss_of.mean(output, target) / accum if per_rank is None
                     else loss_of.total(output, target) / per_rank)

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dgxtrain.tasks.losses import logits
+
 log = logging.getLogger(__name__)
 
 
@@ -17,9 +19,11 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_sample(model: torch.nn.Module, x: Any, n: int | None = None) -> float | None:
+def flops_per_sample(model: torch.nn.Module, x: Any, n: int | None = None,
+                     **kwargs: Any) -> float | None:
     """Forward + backward FLOPs per sample, counted on a small batch `x` of `n` samples
-    (a tensor, or a dict of keyword tensors).
+    (a tensor, or a dict of keyword tensors), the model called with `kwargs` too (the
+    target, under loss=model: a model's inference branch may compute less).
 
     Eval mode, so that batch-norm statistics do not move; the gradients are dropped after.
     Call it before DDP wraps the model: DDP's hooks would count this backward as a step.
@@ -28,7 +32,8 @@ def flops_per_sample(model: torch.nn.Module, x: Any, n: int | None = None) -> fl
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            (model(**x) if isinstance(x, dict) else model(x)).float().sum().backward()
+            out = model(**x, **kwargs) if isinstance(x, dict) else model(x, **kwargs)
+            logits(out).float().sum().backward()
         return counter.get_total_flops() / (n or len(x))
     except Exception as e:  # a user model the counter cannot trace: report n/a, never fail
         log.debug("FLOP count unavailable: %s", e)

@@ -53,9 +53,10 @@ def build(overrides: list[str], micro_batch: int | None = None) -> Workload:
     task = build_task(typed, cpu, micro)
     net = build_model(typed, task)
     sizes = grad_bytes(net, typed.dist.comm_hook)
+    inputs, target = task.example()
     return Workload(micro, sum(p.numel() for p in net.parameters()), sizes,
                     model.buckets(sizes, int(typed.dist.bucket_cap_mb * model.MiB)),
-                    flops_per_sample(net, task.example()[0]))
+                    flops_per_sample(net, inputs, **task.loss.model_kwargs(target)))
 
 
 def forecast(overrides: list[str], tflops: float, mfu: float, rows: list[dict[str, float]],

@@ -8,9 +8,11 @@ only. A task answers:
   example(n)             n training samples (input, target) on the CPU, for checks
   train_feed(...)        this rank's micro-batches of global batch s, on the device
   eval_batches(...)      this rank's share of the held-out samples, each one once
-  forward(model, input)  the model's output (input is a tensor, or a dict of keyword tensors)
+  forward(model, input, target)  the model's output (input is a tensor, or a dict of
+                         keyword tensors; the target goes in too under loss=model)
   loss                   the criterion (loss._target_) with the count its mean is over
-  metrics()              eval metrics: each adds up per-batch statistics, reduced over ranks
+  metrics()              eval metrics: each adds up per-batch statistics of the logits
+                         (losses.logits), reduced over ranks
   check(model)           at start, on the CPU: the model takes the data, the loss and the
                          metrics its output; else one line naming the setting
   describe()             values about the data, logged at start (sizes, hashes)
@@ -33,7 +35,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from dgxtrain.errors import ConfigError, first_line
-from dgxtrain.tasks.losses import TaskLoss, shape_of
+from dgxtrain.tasks.losses import TaskLoss, logits, shape_of
 from dgxtrain.tasks.metrics import Metric, build_metrics
 
 Batch = tuple[Any, torch.Tensor]  # (input: a tensor or a dict of tensors, target)
@@ -75,24 +77,34 @@ class Task(ABC):
     def metrics(self) -> list[Metric]:
         return self._metrics
 
-    def forward(self, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
-        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    def forward(self, model: torch.nn.Module, inputs: Any, target: torch.Tensor) -> Any:
+        """The model's output as it returns it: a tensor, a tuple, a dict, a ModelOutput."""
+        extra = self.loss.model_kwargs(target)  # loss=model: the target, by its name
+        return model(**inputs, **extra) if isinstance(inputs, dict) else model(inputs, **extra)
 
     def check(self, model: torch.nn.Module) -> None:
         """Before any GPU work: the model takes the data's input, the loss its output."""
         inputs, target = self.example()
+        name = self.model_cfg.get("_target_")
         try:
             with torch.no_grad():
-                output = self.forward(model, inputs)
+                output = self.forward(model, inputs, target)
         except Exception as e:
-            raise ConfigError("model._target_", self.model_cfg.get("_target_"),
+            if self.loss.from_model and isinstance(e, TypeError) and \
+                    self.loss.criterion.target_arg in str(e):
+                raise ConfigError("loss.target_arg", self.loss.criterion.target_arg,
+                                  f"is not an argument of {name}'s forward() "
+                                  f"({first_line(e)})", "set loss.target_arg to the name its "
+                                  "forward() gives the target (e.g. targets)") from e
+            raise ConfigError("model._target_", name,
                               f"cannot take the data's input {shape_of(inputs)} "
                               f"({first_line(e)})", "make the model's input size match the "
                               "data's (its in_dim, say), or the data's items the model") from e
-        self.loss.check(output, target)
+        self.loss.check(output, target, name)
         for metric in self._metrics:
             try:
-                stats = metric.statistics(output, target)
+                stats = metric.statistics(output if metric.whole_output else logits(output),
+                                          target)
                 ok = stats.shape == (metric.size,)
             except Exception as e:
                 raise ConfigError("metrics", type(metric).__name__, f"cannot take the model's "

@@ -22,6 +22,9 @@ class Metric(ABC):
     added in one all-reduce (float64), then turned into values."""
 
     size: int  # how many statistics statistics() returns
+    # statistics() gets the model's logits (losses.logits); True: its whole output, in which
+    # a loss=model loss is.
+    whole_output: bool = False
 
     @abstractmethod
     def statistics(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -42,6 +45,7 @@ class Loss(Metric):
     """eval_loss: the loss's sum over the eval set / its count of targets (or samples)."""
 
     size = 2
+    whole_output = True
 
     def __init__(self, loss: TaskLoss):
         self.loss = loss

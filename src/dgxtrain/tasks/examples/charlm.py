@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from dgxtrain.tasks.losses import logits
+
 log = logging.getLogger(__name__)
 SPLITS = ("train", "eval")
 PROMPT = b"def "
@@ -26,11 +28,13 @@ PROMPT = b"def "
 
 class StdlibText(Dataset):
     """Non-overlapping windows of one split: item i is (x, y), int64 [seq_len] each, with
-    y the byte after each byte of x. Eval keeps at most max_eval_sequences windows, evenly
-    spread over its bytes."""
+    y the byte after each byte of x (shift_targets=False: y is x, for a model that shifts
+    its labels itself, as Hugging Face's causal LMs do). Eval keeps at most
+    max_eval_sequences windows, evenly spread over its bytes."""
 
     def __init__(self, split: str = "train", seq_len: int = 128,
-                 eval_fraction: float = 0.05, max_eval_sequences: int = 256):
+                 eval_fraction: float = 0.05, max_eval_sequences: int = 256,
+                 shift_targets: bool = True):
         if split not in SPLITS:
             raise ValueError(f"StdlibText split must be one of {SPLITS}, got {split!r}")
         if not 0.0 < eval_fraction < 1.0:
@@ -57,8 +61,7 @@ class StdlibText(Dataset):
         # clone(): keep only the split's bytes, not a view onto the whole corpus, so a
         # pickled copy sent to a loader worker stays small.
         self.data = (train if split == "train" else corpus[num_train:]).clone()
-        self.split = split
-        self.seq_len = seq_len
+        self.split, self.seq_len, self.shift_targets = split, seq_len, shift_targets
         num_windows = (len(self.data) - 1) // seq_len
         if split == "eval" and num_windows > max_eval_sequences:
             self.windows = torch.arange(max_eval_sequences) * num_windows // max_eval_sequences
@@ -71,7 +74,7 @@ class StdlibText(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = int(self.windows[index]) * self.seq_len
         chunk = self.data[start:start + self.seq_len + 1].long()
-        return chunk[:-1], chunk[1:]
+        return chunk[:-1], chunk[1:] if self.shift_targets else chunk[:-1]
 
     def describe(self) -> dict[str, float | int | str]:
         """Which corpus this is, and the bits/char of a model that ignores context."""
@@ -84,8 +87,8 @@ class StdlibText(Dataset):
         generator = torch.Generator(device=device).manual_seed(0)
         tokens = torch.tensor(list(PROMPT), dtype=torch.long, device=device)
         for _ in range(200):
-            logits = model(tokens[-self.seq_len:][None])[0, -1].float()
-            probs = F.softmax(logits / 0.8, dim=-1)
+            last = logits(model(tokens[-self.seq_len:][None]))[0, -1].float()
+            probs = F.softmax(last / 0.8, dim=-1)
             tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)])
         text = bytes(tokens.tolist()).decode("utf-8", errors="replace")
         log.info("sample: %r", text)
