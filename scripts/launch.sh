@@ -8,8 +8,12 @@
 # collide on a fixed 29500. As one task per node of an srun step (slurm/train.sbatch), the
 # nodes meet at MASTER_ADDR:MASTER_PORT, node rank = SLURM_NODEID.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# From where the user stands (relative paths are theirs), with the repository's venv.
+root="$(cd "$(dirname "$0")/.." && pwd)"
 VENV=${DGXTRAIN_VENV:-.venv}
+[[ $VENV == /* ]] || VENV="$root/$VENV"
+# The entry points of bench/ and tests/ live in the repository, not in the installed package.
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$root"
 PY=${DGXTRAIN_PYTHON:-$([[ -x "$VENV/bin/python" ]] && echo "$VENV/bin/python" || echo python3)}
 gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 nproc=${NPROC:-$(( gpus > 0 ? gpus : 2 ))}

@@ -107,6 +107,19 @@ def run_ok(run_dir: Path, overrides: list[str], nproc: int = 1,
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def dgxtrain_lines(p: subprocess.CompletedProcess) -> list[str]:
+    """The lines dgxtrain prints itself for a failure (torchrun's summary quotes them)."""
+    return [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("dgxtrain:")]
+
+
+def closes_torchrun_summary(p: subprocess.CompletedProcess, line: str) -> None:
+    """torchrun's failure summary, printed last, ends with the root cause, whose traceback
+    field is `line` (the failed rank's error file)."""
+    tail = p.stderr.rstrip().splitlines()
+    assert tail[-1].startswith("=====") and tail[-2] == f"  traceback : {line}", tail[-12:]
+    assert "Root Cause (first observed failure):" in tail[-10:]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

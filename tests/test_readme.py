@@ -43,3 +43,17 @@ def test_readme_train_command_from_a_fresh_copy(tmp_path):
     s = json.loads(summaries[0].read_text())
     assert s["world_size"] == 2 and s["eval_r2"] > 0.9
     assert (repo / ".venv" / "bin" / "python").exists()  # set up from scratch in the copy
+    # From a directory of the user's own, relative paths are theirs: a --config-dir beside
+    # them (not the repository's conf/), and outputs/ where they stand.
+    mine = tmp_path / "work"
+    (mine / "my_conf" / "experiment").mkdir(parents=True)
+    (mine / "my_conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\nrun_name: from_my_conf\ndata: {dim: 8}\n"
+        "trainer: {max_steps: 20, log_every: 10}\n")
+    p = subprocess.run([str(repo / "scripts" / "train.sh"), "--config-dir", "my_conf",
+                        "experiment=mine"], cwd=mine, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    s = json.loads((mine / "outputs" / "from_my_conf" / "summary.json").read_text())
+    assert s["steps"] == 20
+    assert len(list((repo / "outputs").iterdir())) == 1  # nothing new in the repository

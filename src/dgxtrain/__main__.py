@@ -11,15 +11,10 @@ from collections.abc import Iterator
 import hydra
 from omegaconf import DictConfig
 
-from dgxtrain import config, errors
-from dgxtrain.checkpoint import CheckpointError
+from dgxtrain import config, ending
 from dgxtrain.distributed import preempt
 from dgxtrain.distributed.env import env_rank, register_resolvers, shared_run_id
 from dgxtrain.distributed.preempt import Requeue
-
-EXIT_CONFIG_ERROR = 2
-EXIT_NON_FINITE = 3
-EXIT_DATA_ERROR = 4
 
 config.register_configs()
 register_resolvers()
@@ -27,38 +22,24 @@ register_resolvers()
 
 @contextlib.contextmanager
 def _exit_codes() -> Iterator[None]:
-    """A bad setting becomes one line, printed by rank 0 only, and a distinct exit code."""
-    main = env_rank() == 0
+    """A failure is one line and a distinct exit code (ending.py). Told already on the
+    rendezvous board if the ranks had met; before that every rank meets it alike (a bad
+    setting), and rank 0 alone prints it."""
+    rank = env_rank()
     try:
         yield
+    except ending.Reported as e:
+        sys.exit(e.code)
     except Requeue as e:  # reported by train(), before any rank exits
-        if main:
+        if rank == 0:
             logging.getLogger("dgxtrain").warning("%s", e)
         sys.exit(preempt.EXIT_REQUEUE)
-    except CheckpointError as e:
-        if main:
-            sys.stderr.write(f"dgxtrain: checkpoint error: {e}\n")
-            preempt.report_exit("checkpoint_error", detail=str(e))
-        sys.exit(EXIT_CONFIG_ERROR)
-    except errors.DataError as e:
-        if main:
-            sys.stderr.write(f"dgxtrain: data error: {e}\n")
-            preempt.report_exit("data_error", detail=str(e))
-        sys.exit(EXIT_DATA_ERROR)
-    except FloatingPointError as e:
-        if main:
-            logging.getLogger("dgxtrain").error("%s", e)
-            preempt.report_exit("non_finite", detail=str(e))
-        sys.exit(EXIT_NON_FINITE)
     except Exception as e:
-        line = errors.describe_error(e)
-        if line is None:
+        code = ending.tell(e, rank)
+        if code is None:
             raise
-        if main:
-            sys.stderr.write(f"dgxtrain: config error: {line}\n")
-            preempt.report_exit("config_error", detail=line)
-        sys.exit(EXIT_CONFIG_ERROR)
-    if main:
+        sys.exit(code)
+    if rank == 0:
         preempt.report_exit("done")
 
 

@@ -40,9 +40,13 @@ def constructing(group: str, node: DictConfig) -> Iterator[None]:
         cause = e.__cause__ or e
         if isinstance(cause, ConfigError):  # a class of ours that names the setting itself
             raise cause from e
-        raise ConfigError(f"{group}._target_", node.get("_target_"),
-                          f"its constructor failed ({first_line(cause)})",
-                          f"make the {group}.* keys match that class's arguments") from e
+        if isinstance(cause, TypeError):  # the arguments: unknown, missing, of a wrong type
+            raise ConfigError(f"{group}._target_", node.get("_target_"),
+                              f"its constructor failed ({first_line(cause)})",
+                              f"make the {group}.* keys match that class's arguments") from e
+        raise ConfigError(f"{group}._target_", node.get("_target_"), f"raised "
+                          f"{first_line(cause)}", f"fix what it names (it was given the "
+                          f"{group}.* keys as its arguments)") from e
 
 
 class DistEnvError(RuntimeError):
@@ -65,6 +69,9 @@ def _valid_keys(ex: OmegaConfBaseException) -> list[str]:
 
 def _omegaconf_line(ex: OmegaConfBaseException) -> str:
     key = ex.full_key or str(ex.key)
+    if "does not support deletion" in str(ex.msg):  # `~key` of a schema's own field
+        return (f"~{key}: cannot be deleted, the schema requires it; fix: set {key} to "
+                "something else instead")
     if isinstance(ex, (ConfigKeyError, ConfigAttributeError)):
         valid = _valid_keys(ex)
         guess = difflib.get_close_matches(str(ex.key), valid, n=1)
@@ -80,6 +87,17 @@ def _omegaconf_line(ex: OmegaConfBaseException) -> str:
     return f"{key}: {str(ex.msg).splitlines()[0]}"
 
 
+def caused_by(ex: BaseException, kind: type) -> bool:
+    """Whether `ex` or an exception it was raised from (or during) is a `kind`."""
+    seen: list[BaseException] = []
+    while ex is not None and ex not in seen:
+        if isinstance(ex, kind):
+            return True
+        seen.append(ex)
+        ex = ex.__cause__ or ex.__context__
+    return False
+
+
 def describe_error(ex: BaseException) -> str | None:
     """One line for a bad config or override, or None if `ex` is not a config error."""
     seen: list[BaseException] = []
@@ -92,14 +110,22 @@ def describe_error(ex: BaseException) -> str | None:
     for ex in seen:
         if isinstance(ex, MissingConfigException) and ex.missing_cfg_file:
             group, _, choice = ex.missing_cfg_file.rpartition("/")
-            options = ", ".join(o for o in (ex.options or []) if not o.endswith("_schema"))
-            fix = f"choose one of {options}" if options else "check conf/ for the options"
+            names = [o for o in (ex.options or []) if not o.endswith("_schema")]
+            guess = difflib.get_close_matches(choice, names, n=1)
+            fix = (f"did you mean {group}={guess[0]}? or choose one of {', '.join(names)}"
+                   if guess else f"choose one of {', '.join(names)}" if names
+                   else "check conf/ for the options")
             if group == "model":
                 fix += ", or set model._target_ to your own nn.Module class"
             return f"{group or 'config'}={choice}: no such config file; fix: {fix}"
         if isinstance(ex, OmegaConfBaseException) and getattr(ex, "full_key", None):
             return _omegaconf_line(ex)
     first = seen[0]
+    text = str(first)
+    if text.startswith("Error parsing override"):
+        return (f"{text.splitlines()[0]}; fix: quote a value with spaces or special "
+                "characters, whole override in single quotes: 'key=a b' (or key=\"a b\" "
+                "inside them)")
     if isinstance(first, (HydraException, OmegaConfBaseException)):
         lines = [ln.strip() for ln in str(first).splitlines() if ln.strip()]
         return "; ".join(lines[:2]) if lines else type(first).__name__

@@ -11,7 +11,17 @@ from omegaconf import OmegaConf
 
 from dgxtrain.config import TrainerConfig, load
 from dgxtrain.errors import ConfigError
-from tests.conftest import CONF, ROOT, clean_env, cli_args, compose_cfg, free_port, run_cli
+from tests.conftest import (
+    CONF,
+    ROOT,
+    clean_env,
+    cli_args,
+    closes_torchrun_summary,
+    compose_cfg,
+    dgxtrain_lines,
+    free_port,
+    run_cli,
+)
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -69,6 +79,12 @@ BAD = [
     (["logger.backend=tensorboard"], "logger.backend=tensorboard", "logger=none"),
     (["preemption.signals=[SIGUSR1]"], "preemption.signals", "names without SIG"),
     (["preemption.poll_s=0"], "preemption.poll_s", "seconds > 0"),
+    # A user's first day (issue 21): each used to train the default, trace back or crash.
+    (["experiment=smok"], "experiment=smok", "did you mean experiment=smoke?"),
+    (["seed=1e20"], "seed=1e+20", "schema's type"),
+    (["dist.threads_per_rank=100000"], "dist.threads_per_rank=100000", "at most"),
+    (["experiment=digits", "~data.eval"], "~data.eval: cannot be deleted", "set data.eval"),
+    (["run_name=my", "run"], "Error parsing override 'run'", "quote a value with spaces"),
 ]
 
 
@@ -106,10 +122,22 @@ def test_bad_input_fails_fast_with_one_line(bad_runs, case):
     assert not (root / str(case) / "metrics.jsonl").exists()
 
 
-def test_config_error_under_torchrun_is_printed_once(tmp_path):
+def test_an_output_dir_that_cannot_be_made(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "dgxtrain", "device=cpu", "logger=none"],
+                       cwd=ROOT, env=clean_env(DGXTRAIN_OUTPUT_ROOT="/proc/no/outputs"),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    [line] = (p.stdout + p.stderr).strip().splitlines()
+    assert line.startswith("dgxtrain: config error: hydra.run.dir: cannot create /proc/no")
+    assert "fix: choose a writable dir" in line
+
+
+def test_config_error_under_torchrun_is_printed_once_and_closes_its_summary(tmp_path):
     p = run_cli(tmp_path / "run", ["trainer.global_batch_size=33"], nproc=2, timeout=120)
     assert p.returncode != 0
-    assert (p.stdout + p.stderr).count("dgxtrain: config error: trainer.global_batch_size=33") == 1
+    [line] = dgxtrain_lines(p)  # rank 0's: every rank meets it, and only rank 0 says it
+    assert line.startswith("dgxtrain: config error: trainer.global_batch_size=33")
+    closes_torchrun_summary(p, line)
 
 
 def test_range_checks_live_with_their_fields():

@@ -4,6 +4,7 @@ training process's RNGs left as they were."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -11,8 +12,16 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from dgxtrain.data.loader import LoaderFeed, SeededItems, StepSampler, make_loader, sample_keys
+from dgxtrain.data.loader import (
+    LoaderFeed,
+    SeededItems,
+    StepSampler,
+    loader_workers,
+    make_loader,
+    sample_keys,
+)
 from dgxtrain.data.order import GlobalBatchSchedule
+from dgxtrain.distributed.env import cores_per_rank
 
 
 class Noisy(Dataset):
@@ -92,3 +101,22 @@ def test_a_feed_gives_its_steps_in_order_as_micro_batches():
         assert torch.equal(got, sched(5).reshape(-1))
         with pytest.raises(RuntimeError, match="asked for step 7"):
             feed(7)
+
+
+def test_loader_workers_by_default_and_beyond_the_cores(caplog):
+    cores = cores_per_rank()
+    # null: none on CPU ranks (workers would take the model's cores), a few on GPU ranks.
+    assert loader_workers(None, torch.device("cpu")) == 0
+    assert loader_workers(None, torch.device("cuda", 0)) == max(1, min(8, cores - 1))
+    # The trainer's logger does not propagate (observe/logs.py): listen on it.
+    logger = logging.getLogger("dgxtrain")
+    logger.addHandler(caplog.handler)
+    try:
+        assert loader_workers(2, torch.device("cpu")) == 2  # what is asked, within the cores
+        assert not caplog.records
+        assert loader_workers(cores + 30, torch.device("cpu")) == cores + 30
+    finally:
+        logger.removeHandler(caplog.handler)
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"data.num_workers={cores + 30} is more than the "
+                                          f"{cores} cores this rank owns")

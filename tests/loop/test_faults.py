@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from tests.checkpoint.test_checkpoint import step_losses
-from tests.conftest import ROOT, children, clean_env, cli_args, kill_tree, run_cli, run_ok
+from tests.conftest import (
+    ROOT,
+    children,
+    clean_env,
+    cli_args,
+    closes_torchrun_summary,
+    dgxtrain_lines,
+    kill_tree,
+    run_cli,
+    run_ok,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -120,8 +130,10 @@ def test_a_hung_rank_ends_the_job_with_every_stack_written(tmp_path):
 def test_nan_on_one_rank_stops_every_rank_before_the_update(tmp_path):
     p = run_cli(tmp_path, BASE + ["fault.nan_at_step=8", "fault.rank=1"], nproc=2)
     assert p.returncode != 0
-    out = p.stdout + p.stderr
-    assert out.count("non-finite loss or gradient at step 8, update not applied") == 1
+    [line] = dgxtrain_lines(p)  # from rank 0: every rank stops alike, after the vote
+    assert line.startswith("dgxtrain: stopped: non-finite loss or gradient at step 8, update "
+                           "not applied; fix: ")
+    closes_torchrun_summary(p, line)
     assert summary(tmp_path)["steps"] == 7
     newest = tmp_path / "checkpoints" / "step-40"
     assert not newest.exists()

@@ -174,6 +174,21 @@ def test_class_targets_of_another_dtype(tmp_path, labels, dtype):
                            "int64 tensor (torch.long) from the dataset's __getitem__")
 
 
+def test_a_data_file_without_the_loader_settings_or_without_eval(tmp_path):
+    conf = tmp_path / "conf" / "data"
+    conf.mkdir(parents=True)
+    digits = "{_target_: dgxtrain.tasks.examples.digits.Digits, split: %s}"
+    (conf / "bare.yaml").write_text(f"train: {digits % 'train'}\neval: {digits % 'eval'}\n")
+    (conf / "no_eval.yaml").write_text(f"defaults: [dataset]\ntrain: {digits % 'train'}\n")
+    mine = DIGITS + [f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
+    line = _error(tmp_path / "a", mine + ["data=bare"])
+    assert line.startswith("data=<your data file>: names data.train but has none of the loader "
+                           "settings (data.num_workers, ...); fix: put `defaults: [dataset]`")
+    line = _error(tmp_path / "b", mine + ["data=no_eval"])
+    assert line.startswith("data.eval=None: is not set: a run evaluates on held-out samples; "
+                           "fix: add eval: {_target_: <your Dataset>, ...}")
+
+
 def test_a_train_set_smaller_than_one_global_batch(tmp_path):
     line = _error(tmp_path, DIGITS + ["trainer.global_batch_size=2048"])
     assert line.startswith("trainer.global_batch_size=2048: is more than the 1438 training "
@@ -192,7 +207,7 @@ def test_an_empty_eval_set(tmp_path):
 
 
 def test_a_dataset_that_cannot_be_pickled_for_workers(tmp_path):
-    over = DIGITS + [f"data.train={{_target_:{HERE}.Unpicklable}}"]
+    over = DIGITS + [f"data.train={{_target_:{HERE}.Unpicklable}}", "data.num_workers=2"]
     line = _error(tmp_path, over)
     assert line.startswith(f"data.train={HERE}.Unpicklable: cannot be pickled for the loader "
                            "workers (TypeError: cannot pickle '_thread.lock' object)")
@@ -209,7 +224,7 @@ def test_a_metric_that_does_not_fit(tmp_path):
 @pytest.mark.multiprocess
 def test_a_loader_worker_that_dies_is_a_data_error(tmp_path):
     p = run_cli(tmp_path, ["experiment=digits", f"data.train={{_target_:{HERE}.DiesInWorker}}",
-                           "logger=none"], timeout=120)
+                           "logger=none", "data.num_workers=2"], timeout=120)
     assert p.returncode == 4, p.stderr[-2000:]
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("dgxtrain: data error:")]
     assert len(lines) == 1, p.stderr[-2000:]

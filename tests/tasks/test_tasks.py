@@ -152,8 +152,10 @@ def test_charlm_beats_the_unigram_entropy_and_writes_a_sample(tmp_path):
     s = run_ok(tmp_path, ["experiment=charlm", "trainer.max_steps=120", "data.num_workers=0"],
                nproc=2)
     derived = json.loads((tmp_path / "derived.json").read_text())
-    assert derived["corpus_files"] > 50 and len(derived["corpus_sha256"]) == 64
-    unigram = derived["unigram_bits_per_char"]
+    corpus = derived["data.train"]  # the Dataset's describe(), under its own key
+    assert corpus["corpus_files"] > 50 and len(corpus["corpus_sha256"]) == 64
+    assert derived["data.eval"]["corpus_sha256"] == corpus["corpus_sha256"]
+    unigram = corpus["unigram_bits_per_char"]
     assert 3.5 < unigram < 6.0 and s["unigram_bits_per_char"] == unigram
     assert s["eval_bits_per_token"] < unigram - 1.0, (s["eval_bits_per_token"], unigram)
     assert s["eval_bits_per_token"] == pytest.approx(s["eval_loss"] / math.log(2))

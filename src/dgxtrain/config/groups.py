@@ -70,8 +70,10 @@ class DatasetDataConfig(Checked):
     random RNGs, which are seeded per sample from (seed, index, pass)."""
     eval: Any = MISSING
     """The held-out set, a Dataset like data.train; each item is evaluated once."""
-    num_workers: int = 2
-    """Loader worker processes per rank; 0 = load in the training process."""
+    num_workers: int | None = None
+    """Loader worker processes per rank; 0 = load in the training process; null = 0 on CPU
+    ranks (workers would take cores from the model's own threads) and one per core the
+    rank owns beyond one, up to 8, on GPU ranks. More than the rank's cores is warned of."""
     prefetch_factor: int = 2
     """Batches each worker reads ahead."""
     pin_memory: bool = True
@@ -86,7 +88,8 @@ class DatasetDataConfig(Checked):
     dataset's randomness draws from. Each costs ~1-5 us per item; [] if it draws none."""
 
     def __post_init__(self) -> None:
-        self.not_negative("num_workers")
+        self.require("num_workers", self.num_workers is None or self.num_workers >= 0,
+                     "must not be negative", "set data.num_workers >= 0, or null")
         self.positive("prefetch_factor")
         self.one_of("start_method", "forkserver", "spawn", "fork")
         for name in self.seed_rngs:

@@ -86,9 +86,25 @@ def _check_target(cfg: DictConfig, key: str) -> None:
                           "give the full dotted path of a class on PYTHONPATH") from e
 
 
+def _check_datasets(cfg: DictConfig) -> None:
+    """A data file of one's own that names Datasets: with the loader settings, and both."""
+    if "train" not in cfg.data:
+        return
+    if "start_method" not in cfg.data:
+        raise ConfigError("data", "<your data file>", "names data.train but has none of the "
+                          "loader settings (data.num_workers, ...)", "put `defaults: "
+                          "[dataset]` at the top of your data file (conf/data/dataset.yaml)")
+    if OmegaConf.is_missing(cfg.data, "eval") or OmegaConf.select(cfg, "data.eval._target_") \
+            is None:
+        raise ConfigError("data.eval", None, "is not set: a run evaluates on held-out "
+                          "samples", "add eval: {_target_: <your Dataset>, ...} to your data "
+                          "file (the held-out split, or a few thousand training items)")
+
+
 def load(cfg: DictConfig, world_size: int, cuda_available: bool) -> tuple[Config, RunSpec]:
     """The composed config as typed dataclasses, every range checked, and what follows from
     it for this world; raises ConfigError naming the key and the fix."""
+    _check_datasets(cfg)
     for group in TARGET_GROUPS:
         # data=dataset names its two Datasets, not a data source of its own.
         for node in ("data.train", "data.eval") if group == "data" and "train" in cfg.data \

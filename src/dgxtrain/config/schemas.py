@@ -11,6 +11,7 @@ files (`python -m dgxtrain.tools.configdoc`).
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -98,6 +99,9 @@ class DistConfig(Checked):
     Python stack written to <run dir>/stacks/."""
     init_timeout_s: float = 1800.0
     """The same for start-up, compilation, the first step, evaluation and checkpoints."""
+    rendezvous_timeout_s: float = 600.0
+    """How long the ranks wait for each other at start (each reaching the launcher's store
+    and checking in); then one line names the ranks that never came."""
     threads_per_rank: int = 0
     """CPU threads of each rank; 0 = the cores it owns (its CPU affinity shared among the
     ranks of its node, or SLURM_CPUS_PER_TASK). Overrides OMP_NUM_THREADS."""
@@ -119,9 +123,13 @@ class DistConfig(Checked):
     DDP then looks for them after every forward, which costs a graph traversal per step."""
 
     def __post_init__(self) -> None:
-        self.positive("timeout_s", "init_timeout_s", "bucket_cap_mb")
+        self.positive("timeout_s", "init_timeout_s", "rendezvous_timeout_s", "bucket_cap_mb")
         self.require("threads_per_rank", self.threads_per_rank >= 0, "must not be negative",
                      "set dist.threads_per_rank >= 1, or 0 for the cores owned")
+        cores = os.cpu_count() or 1
+        self.require("threads_per_rank", self.threads_per_rank <= cores, f"is more than "
+                     f"this machine's {cores} cores", "set dist.threads_per_rank to at most "
+                     "the cores of one rank, or 0 for the cores it owns")
         self.one_of("comm_hook", "auto", "allreduce", "shm", "bf16")
 
 

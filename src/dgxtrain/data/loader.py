@@ -16,6 +16,8 @@ process (num_workers=0) the RNG states are put back after each batch, so the tra
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
 import random
 from collections.abc import Iterator, Sequence
@@ -27,8 +29,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 
 from dgxtrain.data.hashing import M32, mix32, stream_key
 from dgxtrain.data.order import GlobalBatchSchedule
+from dgxtrain.distributed.env import cores_per_rank
 from dgxtrain.errors import ConfigError, DataError, first_line
 
+log = logging.getLogger(__name__)
 _SAMPLE_RNG = 0x5EED0005
 RNGS = ("torch", "numpy", "random")
 Key = tuple[int, int]  # (sample index, the RNG seed of this fetch of it)
@@ -43,6 +47,16 @@ def sample_keys(seed: int, indices: torch.Tensor, passes: torch.Tensor | int = 0
     lo = mix32(mix32((idx & M32) ^ key) ^ (idx >> 32))
     hi = mix32(lo ^ mix32(key ^ 0x2545F491)) & 0x7FFFFFFF
     return list(zip(idx.tolist(), (hi << 32 | lo).tolist()))
+
+
+class ItemError(Exception):
+    """A dataset's __getitem__ raised: which item, and what (a message only, so that a
+    loader worker can send it to the training process)."""
+
+    def where(self) -> str:
+        """The message, without the worker's traceback the DataLoader puts around it."""
+        lines = [ln for ln in str(self).splitlines() if ln.strip()]
+        return lines[-1].split("ItemError: ", 1)[-1] if lines else ""
 
 
 class SeededItems(Dataset):
@@ -68,7 +82,10 @@ class SeededItems(Dataset):
             for index, s in keys:
                 for seed_rng in seeders:
                     seed_rng(s)
-                out.append(self.dataset[index])
+                try:
+                    out.append(self.dataset[index])
+                except Exception as e:
+                    raise ItemError(f"item {index} raised {first_line(e)}") from e
             return out
         finally:
             for name, state in (saved or {}).items():
@@ -117,6 +134,19 @@ def check_picklable(dataset: Dataset, key: str, target: Any, start_method: str) 
                           "lazily in __getitem__), or set data.num_workers=0") from e
 
 
+def loader_workers(asked: int | None, device: torch.device) -> int:
+    """data.num_workers, or for null what serves the device (see its doc)."""
+    cores = cores_per_rank()
+    if asked is None:
+        return 0 if device.type == "cpu" else max(1, min(8, cores - 1))
+    if asked > cores:
+        log.warning("data.num_workers=%d is more than the %d cores this rank owns: its "
+                    "workers start slowly and take cores from training; fix: "
+                    "data.num_workers=%d or fewer, or null for the default", asked, cores,
+                    cores)
+    return asked
+
+
 def make_loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int,
                 prefetch_factor: int, persistent_workers: bool, start_method: str,
                 pin_memory: bool, seed_rngs: Sequence[str] = RNGS) -> DataLoader:
@@ -136,6 +166,17 @@ def worker_death(e: BaseException, num_workers: int) -> DataError | None:
                      "look above for its own error; a worker killed by a signal is often out "
                      "of memory: lower data.num_workers or data.prefetch_factor, or set "
                      "data.num_workers=0 to debug in the main process")
+
+
+@contextlib.contextmanager
+def item_errors(name: str, when: str) -> Iterator[None]:
+    """A dataset's own error while training, as one line: which dataset, item and step."""
+    try:
+        yield
+    except ItemError as e:
+        raise DataError(f"{name}: {e.where()}, for {when}; fix: make __getitem__ return "
+                        "(input, target) for every index below len(); try it alone with "
+                        "data.num_workers=0 for the whole traceback") from e
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -161,9 +202,9 @@ class LoaderFeed:
     """This rank's micro-batches of each step, read ahead by the DataLoader's workers."""
 
     def __init__(self, loader: DataLoader, start: int, accum: int, device: torch.device,
-                 num_workers: int):
+                 num_workers: int, name: str = "data.train"):
         self.loader, self.step, self.accum, self.device = loader, start, accum, device
-        self.num_workers = num_workers
+        self.num_workers, self.name = num_workers, name
         self._it: Iterator | None = None
 
     def __call__(self, step: int) -> list[tuple[Any, torch.Tensor]]:
@@ -171,7 +212,8 @@ class LoaderFeed:
             raise RuntimeError(f"LoaderFeed at step {self.step} was asked for step {step}")
         if self._it is None:
             self._it = iter(self.loader)
-        batch = next(self._it)
+        with item_errors(self.name, f"step {step + 1}"):
+            batch = next(self._it)
         self.step += 1
         return split(to_device(batch, self.device), self.accum)
 

@@ -7,20 +7,114 @@ import datetime
 import gc
 import logging
 import os
+import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as tdist
 
 from dgxtrain.distributed.env import DistEnv
+from dgxtrain.ending import Board, StoreBoard, ending, run_dir_known
+from dgxtrain.errors import DistEnvError, first_line
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def process_group(env: DistEnv, timeout_s: float = 1800) -> Iterator[None]:
-    """Join the process group for the duration of the block; teardown always runs.
+def rendezvous(env: DistEnv, timeout_s: float, run_dir: Path | None = None) -> Iterator[Board]:
+    """Reach the launcher's store, where the run's failure is told (ending.py), and tell
+    there any failure in the block. It waits for no other rank: `arrive` does, after the
+    checks that fail fast on a bad setting."""
+    if env.launcher == "single":  # its errors are raised as they are: the caller's to tell
+        run_dir_known(run_dir)
+        yield Board()
+        return
+    with ending(Board(env.rank), run_dir):  # no one to agree with yet: this rank tells its own
+        store = _connect(env, timeout_s)
+    board = StoreBoard(store, env.rank)
+    with ending(board, run_dir):
+        yield board
+
+
+def _connect(env: DistEnv, timeout_s: float) -> tdist.Store:
+    where = f"{env.master_addr}:{env.master_port}"
+    # torchrun's agent hosts the store; without torchrun, rank 0 does.
+    host = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    # A client retries its connection with a C++ stack trace per try: wait for the port here.
+    if not host and not _port_open(env.master_addr, env.master_port, timeout_s):
+        raise DistEnvError(f"dist.rendezvous_timeout_s={timeout_s:g}: the store at {where} "
+                           f"(rank 0's) did not answer in {timeout_s:g} s; fix: {_FIX}")
+    try:
+        store = tdist.TCPStore(env.master_addr, env.master_port, env.world_size, host,
+                               timeout=datetime.timedelta(seconds=timeout_s),
+                               wait_for_workers=False, multi_tenant=True)
+    except (RuntimeError, TimeoutError) as e:  # DistNetworkError, DistStoreError
+        raise DistEnvError(f"dist.rendezvous_timeout_s={timeout_s:g}: cannot reach the store "
+                           f"at {where} ({first_line(e)}); fix: {_FIX}") from e
+    # torchrun's agent keeps its store across worker restarts: without a fresh prefix per
+    # attempt, a restarted rank can read the dead generation's keys and addresses.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return tdist.PrefixStore(f"dgxtrain/attempt-{attempt}", store)
+
+
+_FIX = ("start every rank (torchrun --nnodes/--nproc_per_node, srun --ntasks), check that "
+        "MASTER_ADDR/MASTER_PORT reach rank 0's node, or raise dist.rendezvous_timeout_s")
+
+
+def arrive(board: Board, env: DistEnv, timeout_s: float) -> None:
+    """Check in, and wait until every rank has, or name those that never came."""
+    store = board.store
+    if store is None:
+        return
+    store.set(f"arrived/{env.rank}", "1")
+    store.add("arrived", 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add("arrived", 0) < env.world_size:
+        if time.monotonic() > deadline:
+            missing = [r for r in range(env.world_size) if not store.check([f"arrived/{r}"])]
+            shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+            raise DistEnvError(f"dist.rendezvous_timeout_s={timeout_s:g}: {len(missing)} of "
+                               f"{env.world_size} ranks never came (rank {shown}); fix: {_FIX}")
+        time.sleep(0.05)
+
+
+def _port_open(addr: str, port: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=2).close()
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _arrive(store: tdist.Store, env: DistEnv, timeout_s: float) -> None:
+    """Check in, and wait for every rank to have done so."""
+    store.set(f"arrived/{env.rank}", "1")
+    store.add("arrived", 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add("arrived", 0) < env.world_size:
+        if time.monotonic() > deadline:
+            missing = [r for r in range(env.world_size) if not store.check([f"arrived/{r}"])]
+            shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+            raise DistEnvError(
+                f"dist.rendezvous_timeout_s={timeout_s:g}: {len(missing)} of "
+                f"{env.world_size} ranks never came (rank {shown}); fix: start every rank "
+                "(torchrun --nnodes/--nproc_per_node, srun --ntasks), check that MASTER_ADDR/"
+                "MASTER_PORT reach rank 0's node, or raise dist.rendezvous_timeout_s")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, timeout_s: float = 1800,
+                  board: Board | None = None) -> Iterator[None]:
+    """Join the process group for the duration of the block, on the store the ranks met on
+    (rendezvous: the trainer), or on one of its own (the tools); teardown always runs.
 
     Any launched job joins one, even of one rank: `torchrun --nproc_per_node=1` takes the
     same NCCL/DDP path as eight ranks. Only a plain `python -m dgxtrain` runs without.
@@ -29,14 +123,10 @@ def process_group(env: DistEnv, timeout_s: float = 1800) -> Iterator[None]:
         yield
         return
     timeout = datetime.timedelta(seconds=timeout_s)
-    url = f"tcp://{env.master_addr}:{env.master_port}?rank={env.rank}&world_size={env.world_size}"
-    store, _, _ = next(tdist.rendezvous(url, timeout=timeout))
-    # torchrun's agent keeps its store across worker restarts: without a fresh prefix per
-    # attempt, a restarted rank can read the dead generation's addresses and fail to connect.
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = board.store if board is not None else _connect(env, timeout_s)
     tdist.init_process_group(
-        env.backend, store=tdist.PrefixStore(f"dgxtrain/attempt-{attempt}", store),
-        rank=env.rank, world_size=env.world_size, timeout=timeout,
+        env.backend, store=store, rank=env.rank, world_size=env.world_size,
+        timeout=timeout,
         # Binding the group to this rank's GPU lets NCCL connect eagerly and never guess.
         device_id=env.device if env.device.type == "cuda" else None)
     log.info("joined %s process group: rank %d of %d via %s:%d", env.backend, env.rank,

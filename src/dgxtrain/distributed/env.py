@@ -53,6 +53,26 @@ def _missing(names: tuple[str, ...]) -> list[str]:
     return [n for n in names if not os.environ.get(n)]
 
 
+def _int(name: str, low: int = 0, high: int | None = None) -> int:
+    """An integer variable the launcher sets, checked: a bad one is a one-line error."""
+    raw = os.environ[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        span = f"from {low}" + (f" to {high}" if high is not None else " up")
+        raise DistEnvError(f"{name}={raw!r} is not an integer {span}; fix: let the launcher "
+                           f"set it (torchrun, srun), or set it to one")
+    return value
+
+
+def _check_rank(rank: int, world: int, names: str) -> None:
+    if rank >= world:
+        raise DistEnvError(f"rank {rank} is not below the world size {world} ({names}); fix: "
+                           "give every process a rank from 0 to the world size - 1")
+
+
 def _read_launcher() -> tuple[str, int, int, int, str, int]:
     env = os.environ
     missing = _missing(TORCHRUN_VARS)
@@ -63,8 +83,10 @@ def _read_launcher() -> tuple[str, int, int, int, str, int]:
                 f"half-set torchrun environment: {', '.join(missing)} unset while "
                 f"{', '.join(sorted(set(TORCHRUN_VARS) - set(missing)))} set; fix: launch "
                 "with torchrun, or unset these variables for a single process")
-        return ("torchrun", int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]),
-                env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+        rank, world = _int("RANK"), _int("WORLD_SIZE", 1)
+        _check_rank(rank, world, "RANK, WORLD_SIZE")
+        return ("torchrun", rank, _int("LOCAL_RANK"), world, env["MASTER_ADDR"],
+                _int("MASTER_PORT", 1, 65535))
     # SLURM_STEP_ID is set by srun only: the batch script itself also carries SLURM_PROCID
     # and SLURM_NTASKS, but there it is one process, not the first of many.
     if env.get("SLURM_STEP_ID"):
@@ -72,15 +94,19 @@ def _read_launcher() -> tuple[str, int, int, int, str, int]:
         if missing:
             raise DistEnvError(f"srun step without {', '.join(missing)}; fix: launch with "
                                "srun --ntasks-per-node=<GPUs>, or use torchrun")
-        world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+        world = _int("SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS")
+                     else "SLURM_NTASKS", 1)
         nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
         num_nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
         try:
             addr = env.get("MASTER_ADDR") or slurm.head_address(nodes, num_nodes)
         except slurm.SlurmError as e:
             raise DistEnvError(str(e)) from None
-        port = int(env.get("MASTER_PORT") or slurm.rendezvous_port(env.get("SLURM_JOB_ID", 0)))
-        return ("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), world, addr, port)
+        port = (_int("MASTER_PORT", 1, 65535) if env.get("MASTER_PORT")
+                else slurm.rendezvous_port(env.get("SLURM_JOB_ID", 0)))
+        rank = _int("SLURM_PROCID")
+        _check_rank(rank, world, "SLURM_PROCID, SLURM_NTASKS")
+        return ("slurm", rank, _int("SLURM_LOCALID"), world, addr, port)
     return ("single", 0, 0, 1, "127.0.0.1", 0)
 
 
@@ -115,9 +141,11 @@ def cores_per_rank() -> int:
 
 
 def env_rank() -> int:
-    """This process's global rank as the launcher set it (0 for a single process)."""
-    return int(os.environ.get("RANK") or
-               (os.environ.get("SLURM_STEP_ID") and os.environ.get("SLURM_PROCID")) or 0)
+    """This process's global rank as the launcher set it (0 for a single process, and for
+    one that is no integer: DistEnv says what is wrong with it, and someone must)."""
+    raw = os.environ.get("RANK") or \
+        (os.environ.get("SLURM_STEP_ID") and os.environ.get("SLURM_PROCID")) or "0"
+    return int(raw) if raw.isdigit() else 0
 
 
 @functools.cache

@@ -159,7 +159,7 @@ def describe(job: Job, hosts: list[str]) -> dict[str, Any]:
     peak, source = (peak_tflops(env.device, job.cfg.trainer.precision) if env.is_main
                     else (0.0, ""))
     return {
-        **dataclasses.asdict(job.spec), **job.task.describe(), "device": str(env.device),
+        **job.task.describe(), **dataclasses.asdict(job.spec), "device": str(env.device),
         "backend": env.backend, "launcher": env.launcher, "parameters": count_parameters(model),
         "flops_per_step": per_sample * job.spec.global_batch_size if per_sample else None,
         "peak_tflops_per_device": peak, "peak_tflops_source": source,

@@ -14,7 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 from dgxtrain import checkpoint
 from dgxtrain.config import Config, RunSpec, load
 from dgxtrain.distributed import ddp
-from dgxtrain.distributed.collectives import broadcast_object, gather_objects, process_group
+from dgxtrain.distributed.collectives import (
+    arrive,
+    broadcast_object,
+    gather_objects,
+    process_group,
+    rendezvous,
+)
 from dgxtrain.distributed.env import DistEnv, cores_per_rank, world_size_from_env
 from dgxtrain.distributed.preempt import EXIT_REQUEUE
 from dgxtrain.distributed.watchdog import Watchdog
@@ -52,18 +58,21 @@ def _train(cfg: DictConfig, config: Config, spec: RunSpec, env: DistEnv,
             torch.cuda.set_device(env.device)  # before any allocation: one context per GPU
         # torchrun sets OMP_NUM_THREADS=1 for every rank: right for 8 GPUs, idle cores on CPU.
         torch.set_num_threads(config.dist.threads_per_rank or cores_per_rank())
-        job = build_job(config, OmegaConf.to_container(cfg, resolve=True), env, spec, run_dir,
-                        watchdog)  # bad arguments fail here, before the process group
-        # Collectives get more time than the watchdog, so a hang ends with stacks written.
-        with process_group(env, timeout_s=config.dist.init_timeout_s + 60):
-            try:
-                state, summary = _run(job, stopping)
-            finally:
-                # DDP's reducer holds the process group. Freed later, its destructor would
-                # join gloo's threads with the GIL held and can deadlock: let it go now.
-                job.wrapped = None
-                checkpoint.finish_pruning()
-            stopping.report(state)
+        # On the launcher's store, whichever rank fails, the run's one line is told.
+        with rendezvous(env, config.dist.rendezvous_timeout_s, run_dir) as board:
+            job = build_job(config, OmegaConf.to_container(cfg, resolve=True), env, spec,
+                            run_dir, watchdog)  # bad arguments fail here, before any wait
+            arrive(board, env, config.dist.rendezvous_timeout_s)
+            # Collectives get more time than the watchdog, so a hang ends with stacks written.
+            with process_group(env, config.dist.init_timeout_s + 60, board):
+                try:
+                    state, summary = _run(job, stopping)
+                finally:
+                    # DDP's reducer holds the process group. Freed later, its destructor
+                    # would join gloo's threads with the GIL held and can deadlock: let it go.
+                    job.wrapped = None
+                    checkpoint.finish_pruning()
+                stopping.report(state)
     if state.stop_reason.failed:
         raise halt_error(state, config.trainer.max_skipped)
     stopping.exit_for_requeue()

@@ -12,10 +12,13 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dgxtrain.data.loader import (
+    ItemError,
     LoaderFeed,
     SeededItems,
     StepSampler,
     check_picklable,
+    item_errors,
+    loader_workers,
     make_loader,
     sample_keys,
     to_device,
@@ -36,7 +39,8 @@ class DatasetTask(Task):
         with constructing("data.eval", data_cfg.eval):
             self.eval: Dataset = instantiate(data_cfg.eval)
         self.num_samples = len(self.train)
-        if data_cfg.start_method == "fork" and device.type == "cuda" and data_cfg.num_workers:
+        self.num_workers = loader_workers(data_cfg.num_workers, device)
+        if data_cfg.start_method == "fork" and device.type == "cuda" and self.num_workers:
             raise ConfigError("data.start_method", "fork", "is unsafe once the trainer has "
                               "initialised CUDA", "use forkserver (the default) or spawn")
         for split in ("train", "eval"):
@@ -45,14 +49,14 @@ class DatasetTask(Task):
                 raise ConfigError(key, data_cfg[split].get("_target_"), "has no samples",
                                   f"give {key} a dataset with at least one item")
             _check_item(dataset, key, data_cfg[split].get("_target_"), data_cfg.seed_rngs)
-            if data_cfg.num_workers:
+            if self.num_workers:
                 check_picklable(dataset, key, data_cfg[split].get("_target_"),
                                 data_cfg.start_method)
         self._eval_loader: DataLoader | None = None
 
     def _loader(self, dataset: Dataset, batch_sampler: Any) -> DataLoader:
         c = self.cfg
-        return make_loader(dataset, batch_sampler, num_workers=c.num_workers,
+        return make_loader(dataset, batch_sampler, num_workers=self.num_workers,
                            prefetch_factor=c.prefetch_factor,
                            persistent_workers=c.persistent_workers,
                            start_method=c.start_method, seed_rngs=c.seed_rngs,
@@ -68,7 +72,8 @@ class DatasetTask(Task):
         schedule = GlobalBatchSchedule(self.num_samples, seed, global_batch, rank,
                                        world_size, micro_batch)
         return LoaderFeed(self._loader(self.train, StepSampler(schedule, start, end, seed)),
-                          start, schedule.accum, device, self.cfg.num_workers)
+                          start, schedule.accum, device, self.num_workers,
+                          f"data.train={self.cfg.train.get('_target_')}")
 
     def eval_batches(self, rank: int, world_size: int, batch_size: int,
                      device: torch.device) -> Iterator[Batch]:
@@ -77,13 +82,19 @@ class DatasetTask(Task):
             keys = [sample_keys(self.seed, b) for b in mine.split(batch_size) if len(b)]
             self._eval_loader = self._loader(self.eval, keys)
         # A worker that dies here is named by the train feed, which the whole loop is in.
-        for batch in self._eval_loader:
-            yield to_device(batch, device)
+        with item_errors(f"data.eval={self.cfg.eval.get('_target_')}", "the evaluation"):
+            for batch in self._eval_loader:
+                yield to_device(batch, device)
 
     def describe(self) -> dict[str, Any]:
-        about = getattr(self.train, "describe", None)
-        return {"train_samples": self.num_samples, "eval_samples": len(self.eval),
-                **(about() if callable(about) else {})}
+        """The sizes, and each Dataset's own describe() under its key (data.train, data.eval)."""
+        out: dict[str, Any] = {"train_samples": self.num_samples, "eval_samples": len(self.eval),
+                               "num_workers": self.num_workers}
+        for split in ("train", "eval"):
+            about = getattr(getattr(self, split), "describe", None)
+            if callable(about):
+                out[f"data.{split}"] = about()
+        return out
 
     def summary(self, model: torch.nn.Module) -> dict[str, Any]:
         summarize = getattr(self.train, "summarize", None)
@@ -94,7 +105,11 @@ def _check_item(dataset: Dataset, key: str, target: Any, rngs: Any) -> None:
     """Item 0 is an (input, target) pair, input a tensor or a dict of tensors, and the first
     items stack into a batch."""
     keys = sample_keys(0, torch.arange(min(8, len(dataset))))
-    items = SeededItems(dataset, rngs).__getitems__(keys)
+    try:
+        items = SeededItems(dataset, rngs).__getitems__(keys)
+    except ItemError as e:
+        raise ConfigError(key, target, f"{e.where()} at start", "make __getitem__ return "
+                          "(input, target) for every index below len()") from e
     item = items[0]
     fix = "return (input, target) from __getitem__: input a tensor or a dict of tensors, " \
           "target a tensor"
