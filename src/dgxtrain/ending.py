@@ -71,7 +71,8 @@ def failure_of(e: BaseException, rank: int = 0) -> Failure | None:
     from dgxtrain.checkpoint import CheckpointError
     from dgxtrain.distributed.preempt import Requeue
 
-    if isinstance(e, (Requeue, SystemExit, Reported)):
+    # Ctrl-C is the user's own stop, not a failure to tell (issue 22 makes it a graceful one).
+    if isinstance(e, (Requeue, SystemExit, Reported, KeyboardInterrupt)):
         return None
     if isinstance(e, CheckpointError):
         return Failure(EXIT_CONFIG_ERROR, "checkpoint_error", "checkpoint error", str(e), rank)

@@ -16,6 +16,12 @@ def test_the_digest_follows_what_is_trained_not_how_it_runs():
                 ["checkpoint.every_steps=7", "checkpoint.resume=never"], ["device=cpu"],
                 ["dist.timeout_s=9"], ["trainer.log_every=3"], ["run_name=x"]):
         assert config_digest(compose_cfg(["experiment=smoke", *how])) == base, how
+    # A user's datasets: their loader's processes say how, the datasets what.
+    mine = ["experiment=digits"]
+    base = config_digest(compose_cfg(mine))
+    for how in (["data.num_workers=4"], ["data.start_method=spawn", "data.prefetch_factor=8"]):
+        assert config_digest(compose_cfg([*mine, *how])) == base, how
+    assert config_digest(compose_cfg([*mine, "data.train.augment=false"])) != base
     # What is trained: another run.
     for what in (["optim.lr=0.5"], ["seed=1"], ["model.hidden_dim=7"], ["data.dim=3"],
                  ["trainer.global_batch_size=64"]):

@@ -25,7 +25,10 @@ from dgxtrain.errors import ConfigError
 # to and what faults it injects: a rerun that changes these continues the same run (raising
 # trainer.max_steps trains a finished run on).
 HOW_IT_RUNS = ("hydra", "run_name", "device", "dist", "checkpoint", "preemption", "fault",
-               "logger", "trainer.max_steps", "trainer.log_every", "trainer.eval_every")
+               "logger", "trainer.max_steps", "trainer.log_every", "trainer.eval_every",
+               # The loader's processes: the same bits with any of them (tests/tasks).
+               "data.num_workers", "data.prefetch_factor", "data.pin_memory",
+               "data.persistent_workers", "data.start_method")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
