@@ -93,23 +93,6 @@ def _port_open(addr: str, port: int, timeout_s: float) -> bool:
             time.sleep(0.2)
 
 
-def _arrive(store: tdist.Store, env: DistEnv, timeout_s: float) -> None:
-    """Check in, and wait for every rank to have done so."""
-    store.set(f"arrived/{env.rank}", "1")
-    store.add("arrived", 1)
-    deadline = time.monotonic() + timeout_s
-    while store.add("arrived", 0) < env.world_size:
-        if time.monotonic() > deadline:
-            missing = [r for r in range(env.world_size) if not store.check([f"arrived/{r}"])]
-            shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
-            raise DistEnvError(
-                f"dist.rendezvous_timeout_s={timeout_s:g}: {len(missing)} of "
-                f"{env.world_size} ranks never came (rank {shown}); fix: start every rank "
-                "(torchrun --nnodes/--nproc_per_node, srun --ntasks), check that MASTER_ADDR/"
-                "MASTER_PORT reach rank 0's node, or raise dist.rendezvous_timeout_s")
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def process_group(env: DistEnv, timeout_s: float = 1800,
                   board: Board | None = None) -> Iterator[None]:
