@@ -105,6 +105,20 @@ def test_an_unreachable_wandb_server_does_not_stop_training(tmp_path):
     assert len(wandb_files(tmp_path)) == 1  # the offline run holds it all
 
 
+def test_an_unwritable_wandb_dir_does_not_stop_training(tmp_path):
+    # <run dir>/wandb cannot be made (here a file stands there; root ignores permissions).
+    (tmp_path / "wandb").write_text("not a directory\n")
+    p = run_cli(tmp_path, [*BASE, "trainer.max_steps=20"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    warnings = [ln for ln in p.stderr.splitlines() if "WARNING" in ln and "W&B" in ln]
+    assert len(warnings) == 1, warnings
+    assert f"cannot write {tmp_path / 'wandb'}" in warnings[0]
+    assert "metrics.jsonl" in warnings[0]  # where the run's numbers are instead
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["steps"] == 20 and [m["step"] for m in read_metrics(tmp_path)
+                                 if "train/loss" in m] == [5, 10, 15, 20]
+
+
 def test_an_api_key_is_logged_nowhere(tmp_path):
     key = "dgxtrainfakekey" + "7" * 25
     env = clean_env(WANDB_API_KEY=key)

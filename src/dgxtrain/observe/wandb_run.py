@@ -80,8 +80,14 @@ class WandbTracker(NullTracker):
             return
         if self.id is None:
             self.id = secrets.token_hex(6)  # W&B ids: lowercase letters and digits
-        self.id_file.parent.mkdir(parents=True, exist_ok=True)
-        self.id_file.write_text(self.id + "\n")
+        try:
+            self.id_file.parent.mkdir(parents=True, exist_ok=True)
+            self.id_file.write_text(self.id + "\n")
+        except OSError as e:  # W&B never stops training: the run dir's files have it all
+            self._warn_once(f"W&B: cannot write {self.id_file.parent} ({type(e).__name__}: "
+                            f"{e.strerror or e}); no W&B run this time, metrics.jsonl and "
+                            "summary.json hold every value")
+            return
         config = {**cfg, "derived": derived}
         started = time.monotonic()
         try:
