@@ -15,12 +15,15 @@ def _rank() -> int:
 
 class Numbers(Dataset):
     """(x, sum of x) with x of 4 equal values. On rank `build_fail_rank` the constructor
-    raises; on rank `fail_rank`, every item after the first `fail_after` fetched raises."""
+    raises; on rank `fail_rank`, every item after the first `fail_after` fetched raises; on
+    rank `fewer_on_rank` it has 2 items fewer."""
 
     def __init__(self, size: int = 512, build_fail_rank: int = -1, fail_rank: int = -1,
-                 fail_after: int = -1):
+                 fail_after: int = -1, fewer_on_rank: int = -1):
         if _rank() == build_fail_rank:
             raise FileNotFoundError("/data/shard-1 is missing on this node")
+        if _rank() == fewer_on_rank:  # a node whose listing lacks two files
+            size -= 2
         self.size, self.fail_rank, self.fail_after, self.fetched = size, fail_rank, fail_after, 0
 
     def __len__(self) -> int:

@@ -37,6 +37,18 @@ def test_a_dataset_that_fails_to_build_on_rank_1(tmp_path):
 
 
 @pytest.mark.multiprocess
+def test_a_dataset_of_another_length_on_rank_1_is_refused_at_start(tmp_path):
+    p = run_cli(tmp_path, [*TASK, "+data.train.fewer_on_rank=1"], nproc=2, timeout=120)
+    assert p.returncode != 0
+    [line] = dgxtrain_lines(p)  # every rank finds it alike: rank 0 tells it
+    assert line.startswith(f"dgxtrain: config error: data.train={NUMBERS}: has 512 training "
+                           "samples on rank 0 and 510 on rank 1: the ranks would not train on "
+                           "one sample order; fix: ")
+    closes_torchrun_summary(p, line)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_getitem_that_raises_mid_run_on_rank_1(tmp_path, workers):
     p = run_cli(tmp_path, [*TASK, "+data.train.fail_rank=1", "+data.train.fail_after=150",

@@ -24,6 +24,7 @@ from dgxtrain.distributed.collectives import (
 from dgxtrain.distributed.env import DistEnv, cores_per_rank, world_size_from_env
 from dgxtrain.distributed.preempt import EXIT_REQUEUE
 from dgxtrain.distributed.watchdog import Watchdog
+from dgxtrain.errors import ConfigError
 from dgxtrain.loop.build import Job, build_job, describe, distribute
 from dgxtrain.loop.guard import halt_error
 from dgxtrain.loop.loop import Loop
@@ -79,10 +80,26 @@ def _train(cfg: DictConfig, config: Config, spec: RunSpec, env: DistEnv,
     return summary
 
 
+def _check_one_dataset(sizes: list[int], cfg: Config) -> None:
+    """Every rank builds the sample order from its own len(): they must agree, or the ranks
+    train on orders of their own (a per-node file listing). Raised alike on every rank."""
+    other = next((r for r, n in enumerate(sizes) if n != sizes[0]), None)
+    if other is None:
+        return
+    key, target = (("data.train", cfg.data.train.get("_target_")) if "train" in cfg.data
+                   else ("data.num_samples", sizes[0]))
+    raise ConfigError(key, target, f"has {sizes[0]} training samples on rank 0 and "
+                      f"{sizes[other]} on rank {other}: the ranks would not train on one "
+                      "sample order", "give every rank the same dataset (list files from a "
+                      "shared, sorted manifest, not each node's own directory listing)")
+
+
 def _run(job: Job, stopping: Stopping) -> tuple[TrainState, dict[str, Any]]:
     """Inside the process group: resume, distribute, loop, write the outputs."""
     cfg, env = job.cfg, job.env
-    hosts = gather_objects(socket.gethostname())
+    gathered = gather_objects((socket.gethostname(), job.task.num_samples))
+    hosts = [host for host, _ in gathered]
+    _check_one_dataset([n for _, n in gathered], cfg)
     state, saved = TrainState(), resume(job)
     if saved:
         state.load_state_dict(saved["train_state"])
