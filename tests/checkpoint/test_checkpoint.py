@@ -9,7 +9,8 @@ import torch
 
 from dgxtrain.checkpoint import CheckpointError, verify
 from dgxtrain.checkpoint.store import _sha256
-from dgxtrain.distributed.preempt import StopRequests
+from dgxtrain.distributed.preempt import Requeue, StopRequests
+from dgxtrain.loop.evaluating import Evaluating
 from dgxtrain.loop.train import train
 from tests.conftest import compose_cfg, read_metrics
 
@@ -115,8 +116,86 @@ def test_what_cannot_be_honoured_is_a_clear_error_unless_starting_fresh(tmp_path
     fresh = run(tmp_path, "trainer.max_steps=10", "model.hidden_dim=48",
                 "checkpoint.resume=never")
     assert fresh["resumed_from_step"] == 0
-    old = list(tmp_path.glob("checkpoints.old-*"))
-    assert len(old) == 1 and (old[0] / "step-5" / "manifest.json").is_file()  # kept
+    (old,) = tmp_path.glob("previous-*")
+    assert (old / "checkpoints" / "step-5" / "manifest.json").is_file()  # kept
+    assert json.loads((old / "summary.json").read_text())["steps"] == 5  # its outputs too
+
+
+def test_only_damaged_checkpoints_refuse_to_start_and_nothing_is_deleted(tmp_path):
+    run(tmp_path, "trainer.max_steps=10")
+    root = tmp_path / "checkpoints"
+    (root / "step-10" / "model.pt").write_bytes(b"short")
+    (root / "step-5" / "manifest.json").unlink()
+    (tmp_path / "summary.json").unlink()  # as if the run died after its final save
+    with pytest.raises(CheckpointError) as refused:  # it used to train from step 0
+        run(tmp_path, "trainer.max_steps=10")
+    line = str(refused.value)
+    assert line.startswith(f"checkpoint.resume=auto: no checkpoint in {root} is complete "
+                           "(step-10: model.pt has 5 bytes, not "), line
+    assert "step-5: no manifest" in line and "fix: restore one, or checkpoint.resume=never " \
+        "to start over" in line
+    kept = sorted(d.name for d in root.iterdir())
+    assert kept == ["step-10.damaged", "step-5.damaged"]
+    with pytest.raises(CheckpointError, match="no checkpoint in .* is complete"):
+        run(tmp_path, "trainer.max_steps=10")  # set aside, they still refuse a silent restart
+    fresh = run(tmp_path, "trainer.max_steps=10", "checkpoint.resume=never")
+    assert fresh["resumed_from_step"] == 0
+    (old,) = tmp_path.glob("previous-*")
+    assert sorted(d.name for d in (old / "checkpoints").iterdir()) == kept  # the evidence
+    assert sorted(d.name for d in root.iterdir()) == ["step-10", "step-5"]
+
+
+def test_a_damaged_checkpoint_is_never_pruned_or_replaced(tmp_path):
+    run(tmp_path, "trainer.max_steps=15", "checkpoint.keep_last=3")
+    root = tmp_path / "checkpoints"
+    (root / "step-15" / "optim.pt").write_bytes(b"")
+    (root / "step-5" / "rng-rank0.pt").write_bytes(b"")
+    s = run(tmp_path, "trainer.max_steps=30", "checkpoint.keep_last=2")
+    assert s["resumed_from_step"] == 10
+    # step-15 set aside at the resume, step-5 by the pruning: neither deleted nor overwritten.
+    assert ckpts(tmp_path) == ["step-15.damaged", "step-25", "step-30", "step-5.damaged"]
+    assert (root / "step-15.damaged" / "optim.pt").read_bytes() == b""
+    log = (tmp_path / "train.log").read_text()
+    assert f"checkpoint {root / 'step-5'} is damaged (rng-rank0.pt has 0 bytes" in log
+
+
+def test_a_start_over_does_not_leave_the_earlier_run_to_be_taken_for_finished(tmp_path,
+                                                                            monkeypatch):
+    first = run(tmp_path, "trainer.max_steps=10")
+    real = Evaluating.run
+    monkeypatch.setattr(Evaluating, "run", lambda self, step: (_ for _ in ()).throw(
+        RuntimeError("killed in the final eval")) if step == 10 else real(self, step))
+    with pytest.raises(RuntimeError, match="killed in the final eval"):
+        run(tmp_path, "trainer.max_steps=10", "checkpoint.resume=never")
+    monkeypatch.setattr(Evaluating, "run", real)
+    # The relaunch resumes the new run's final checkpoint and finishes it: on main it found
+    # the earlier run's summary and said "already complete".
+    again = run(tmp_path, "trainer.max_steps=10")
+    assert again["resumed_from_step"] == 10 and again["param_sha256"] == first["param_sha256"]
+    assert json.loads((tmp_path / "summary.json").read_text())["resumed_from_step"] == 10
+    (old,) = tmp_path.glob("previous-*")  # the earlier run's outputs, moved aside
+    assert json.loads((old / "summary.json").read_text())["resumed_from_step"] == 0
+    assert (old / "model.pt").is_file() and (old / "checkpoints" / "step-10").is_dir()
+    assert "already complete" not in (tmp_path / "train.log").read_text()
+
+
+def test_resume_never_continues_its_own_launch_after_a_requeue(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    run(tmp_path, "trainer.max_steps=10")  # an earlier job's run
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "stop").write_text("USR1")  # the first attempt stops for a requeue
+    with pytest.raises(Requeue):
+        run(tmp_path, "trainer.max_steps=10", "checkpoint.resume=never")
+    assert ckpts(tmp_path) == ["step-1"]
+    # The requeued attempt: the same command, the same job. It used to start over again.
+    s = run(tmp_path, "trainer.max_steps=10", "checkpoint.resume=never")
+    assert s["resumed_from_step"] == 1
+    assert len(list(tmp_path.glob("previous-*"))) == 1  # job 41's run, set aside once
+    monkeypatch.setenv("SLURM_JOB_ID", "43")  # another job starts over
+    assert run(tmp_path, "trainer.max_steps=10", "checkpoint.resume=never")[
+        "resumed_from_step"] == 0
+    assert len(list(tmp_path.glob("previous-*"))) == 2
 
 
 def test_resume_from_an_explicit_path(tmp_path):

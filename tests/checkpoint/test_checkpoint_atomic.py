@@ -79,11 +79,11 @@ def test_pruning_counts_only_checkpoints_that_verify(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step-6" / "model.pt").write_bytes(b"short")  # the newest lost its data
     checkpoint.prune(root, keep_last=2)
-    # Two good ones are kept: step-4 and step-2, not step-6 and step-4.
-    assert sorted(d.name for d in root.glob("step-*")) == ["step-2", "step-4", "step-6"]
+    # Two good ones are kept: step-4 and step-2, not step-6 and step-4; step-6 is set aside.
+    assert sorted(d.name for d in root.glob("step-*")) == ["step-2", "step-4", "step-6.damaged"]
     assert _save(tmp_path, 8, keep_last=2) is None
     checkpoint.finish_pruning()
-    assert sorted(d.name for d in root.glob("step-*")) == ["step-4", "step-6", "step-8"]
+    assert sorted(d.name for d in root.glob("step-*")) == ["step-4", "step-6.damaged", "step-8"]
 
 
 SCRIPT = textwrap.dedent("""

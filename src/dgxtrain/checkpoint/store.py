@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _REPLACED = ".replaced"  # step-N.replaced: the old step-N while a new one takes its place
+_DAMAGED = ".damaged"  # step-N.damaged: found damaged, kept for a person to look at
 
 
 class CheckpointError(RuntimeError):
@@ -179,14 +180,37 @@ class Chosen:
     files: dict[str, io.BytesIO] = field(default_factory=dict)  # empty on other ranks
 
 
-def _latest(root: Path, keep=lambda name: False) -> Chosen | None:
-    """The newest complete checkpoint under `root`; damaged ones are skipped, loudly."""
+def _latest(root: Path, keep=lambda name: False, damaged: list[str] | None = None
+            ) -> Chosen | None:
+    """The newest complete checkpoint under `root`; damaged ones are skipped, loudly, and
+    (with `damaged`, a list that gets why) set aside as step-N.damaged: kept as evidence,
+    never chosen, pruned or replaced by a save that reaches step N again."""
     for d in _candidates(root):
         try:
             return Chosen(d, _check(d, keep=keep))
         except _Damaged as e:
-            log.warning("skipping checkpoint %s: %s", d, e)
+            if damaged is None:
+                log.warning("skipping checkpoint %s: %s", d, e)
+                continue
+            damaged.append(f"{d.name}: {e}")
+            log.warning("skipping checkpoint %s: %s; kept as %s", d, e, _set_aside(d))
     return None
+
+
+def _unused(path: Path) -> Path:
+    """path, or path-2, path-3, ... if it is taken."""
+    n, free = 1, path
+    while free.exists():
+        n += 1
+        free = path.with_name(f"{path.name}-{n}")
+    return free
+
+
+def _set_aside(d: Path) -> Path:
+    """d renamed to d.damaged (d.damaged-2, ... when taken)."""
+    aside = _unused(d.with_name(f"{d.name}{_DAMAGED}"))
+    os.rename(d, aside)
+    return aside
 
 
 def find_latest(root: Path) -> Path | None:
@@ -194,14 +218,15 @@ def find_latest(root: Path) -> Path | None:
     return found.path if found else None
 
 
-def choose(setting: str, run_dir: Path, env: DistEnv) -> Chosen | None:
+def choose(setting: str, run_dir: Path, env: DistEnv, launch: str | None = None
+           ) -> Chosen | None:
     """Rank 0 picks the checkpoint to resume from; every rank gets the same answer, or
-    raises the same error."""
+    raises the same error. `launch`: this launch's id (distributed.env.launch_id)."""
     answer: tuple[str, str | None] = ("ok", None)
     found = None
     if env.is_main:
         try:
-            found = _choose(setting, run_dir)
+            found = _choose(setting, run_dir, launch)
             answer = ("ok", str(found.path) if found else None)
         except CheckpointError as e:
             answer = ("error", str(e))
@@ -211,16 +236,35 @@ def choose(setting: str, run_dir: Path, env: DistEnv) -> Chosen | None:
     return found or (Chosen(Path(value)) if value else None)
 
 
-def _choose(setting: str, run_dir: Path) -> Chosen | None:
+# What a run that starts over sets aside: the earlier run's checkpoints and final outputs.
+EARLIER_RUN = ("checkpoints", "summary.json", "model.pt", "metrics.jsonl")
+
+
+def _choose(setting: str, run_dir: Path, launch: str | None) -> Chosen | None:
     root = root_of(run_dir)
     if setting == "never":
-        if any(root.glob("step-*")):
-            aside = root.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            root.rename(aside)  # starting fresh must not destroy what was saved
-            log.warning("checkpoint.resume=never: moved old checkpoints to %s", aside)
+        # Restarted within its own launch (a requeue, a torchrun restart), a run continues
+        # what this launch saved: "never" means never from before it.
+        own = _latest(root, _read_by_rank0, damaged=[]) if launch and root.is_dir() else None
+        if own is not None and manifest(own.path).get("launch") == launch:
+            log.info("checkpoint.resume=never: %s is this launch's own (%s), saved before "
+                     "its restart: continuing from it", own.path, launch)
+            return own
+        _start_over(run_dir, EARLIER_RUN)
         return None
     if setting == "auto":
-        return _latest(root, _read_by_rank0) if root.is_dir() else None
+        damaged: list[str] = []
+        found = _latest(root, _read_by_rank0, damaged) if root.is_dir() else None
+        if found is None and (damaged or any(root.glob(f"step-*{_DAMAGED}*"))):
+            listed = "; ".join(damaged) or ", ".join(
+                sorted(d.name for d in root.glob(f"step-*{_DAMAGED}*")))
+            raise CheckpointError(
+                f"checkpoint.resume=auto: no checkpoint in {root} is complete ({listed}); "
+                "fix: restore one, or checkpoint.resume=never to start over (it moves them "
+                "aside, deleting nothing)")
+        if found is None and (run_dir / "summary.json").exists():
+            _start_over(run_dir, EARLIER_RUN)  # its outputs, with no checkpoint to go on
+        return found
     path = Path(setting)
     try:
         if _step(path) < 0:
@@ -232,6 +276,21 @@ def _choose(setting: str, run_dir: Path) -> Chosen | None:
     except _Damaged as e:
         raise CheckpointError(f"checkpoint.resume={setting}: {e}; fix: give a step-N dir "
                               "with a manifest, or checkpoint.resume=auto") from None
+
+
+def _start_over(run_dir: Path, names: tuple[str, ...]) -> None:
+    """Those of `names` in run_dir moved into run_dir/previous-<time>/: starting over must
+    not destroy what was saved, nor leave an earlier run's summary to be taken for this
+    run's (a relaunch would find the run "already complete")."""
+    there = [n for n in names if (run_dir / n).exists()
+             and not (n == "checkpoints" and not any((run_dir / n).iterdir()))]
+    if not there:
+        return
+    aside = _unused(run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside.mkdir()
+    for n in there:
+        os.rename(run_dir / n, aside / n)
+    log.warning("starting over: moved the earlier run's %s to %s", ", ".join(there), aside)
 
 
 def save(run_dir: Path, step: int, env: DistEnv, shared: dict[str, Any],
@@ -336,16 +395,23 @@ def finish_pruning() -> None:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (and older debris). Only
-    checkpoints whose files are all there at their sizes count as complete."""
+    """Delete all but the newest `keep_last` complete checkpoints (and older step-N.replaced
+    leftovers). Only checkpoints whose files are all there at their sizes count as complete;
+    a damaged one is set aside (step-N.damaged), never deleted."""
     dirs = _candidates(root)
-    complete = [d for d in dirs if not d.name.endswith(_REPLACED)
-                and verify(d, checksums=False) is None]
+    complete = []
+    for d in dirs:
+        why = verify(d, checksums=False)
+        if why is None:
+            complete.append(d)
+        elif not d.name.endswith(_REPLACED):
+            log.warning("checkpoint %s is damaged (%s); kept as %s", d, why, _set_aside(d))
+    complete = [d for d in complete if not d.name.endswith(_REPLACED)]
     if len(complete) < keep_last:
         return
     oldest_kept = _step(complete[keep_last - 1])
     for d in dirs:
-        if _step(d) < oldest_kept:
+        if _step(d) < oldest_kept and d.exists():
             try:
                 shutil.rmtree(d)
             except OSError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +147,16 @@ def env_rank() -> int:
     raw = os.environ.get("RANK") or \
         (os.environ.get("SLURM_STEP_ID") and os.environ.get("SLURM_PROCID")) or "0"
     return int(raw) if raw.isdigit() else 0
+
+
+def launch_id(env: Mapping[str, str] = os.environ) -> str | None:
+    """This launch's name: kept across its own restarts (a SLURM requeue, a torchrun
+    restart), new for another launch; None for a process started by hand."""
+    if slurm.run_id(env):
+        return slurm.run_id(env)
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+    return None
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from dgxtrain import __version__, checkpoint
+from dgxtrain.distributed.env import launch_id
 from dgxtrain.loop.build import Job
 from dgxtrain.loop.state import StopReason, TrainState
 from dgxtrain.loop.step import StepOutput
@@ -85,13 +86,14 @@ def checkpoint_meta(job: Job) -> dict[str, Any]:
     return {"world_size": job.env.world_size, "global_batch_size": job.spec.global_batch_size,
             "seed": job.cfg.seed, "num_samples": job.task.num_samples,
             "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
+            "launch": launch_id(),
             "dgxtrain_version": __version__, "torch_version": torch.__version__}
 
 
 def resume(job: Job) -> dict[str, Any]:
     """Load the newest complete checkpoint (or as checkpoint.resume says) into the job;
     returns its state.pt ({"train_state", "tracker"}), or {} for a fresh start."""
-    found = checkpoint.choose(job.cfg.checkpoint.resume, job.run_dir, job.env)
+    found = checkpoint.choose(job.cfg.checkpoint.resume, job.run_dir, job.env, launch_id())
     if found is None:
         return {}
     saved = checkpoint.restore(found, job.env, checkpoint_meta(job), job.model,

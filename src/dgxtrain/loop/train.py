@@ -118,7 +118,10 @@ def _run(job: Job, stopping: Stopping) -> tuple[TrainState, dict[str, Any]]:
                  "here)", job.run_dir)
     derived = describe(job, hosts)
     job.wrapped = distribute(job, hosts)
-    tracker = build_tracker(cfg, env.is_main, job.run_dir,
+    # Started over: a new W&B run too. Resumed (under resume=never, this launch's own
+    # checkpoint after a requeue): the same one.
+    tracker = build_tracker(cfg, env.is_main, job.run_dir, fresh=not saved and
+                            cfg.checkpoint.resume == "never",
                             **run_identity(cfg, job.run_dir, derived))
     tracker.load_state_dict(saved.get("tracker", {}))
     # No secret (an API key interpolated into the config, say) reaches a file or W&B.

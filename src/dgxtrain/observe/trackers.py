@@ -160,9 +160,11 @@ def logged_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [rows[k] for k in sorted(rows)]
 
 
-def build_tracker(cfg: DictConfig, is_main: bool, run_dir: Path, *, group: str | None = None,
-                  name: str = "", tags: tuple[str, ...] = ()) -> NullTracker:
-    """Rank 0: the run dir's files, plus W&B with logger=wandb. Every other rank: nothing."""
+def build_tracker(cfg: DictConfig, is_main: bool, run_dir: Path, *, fresh: bool = False,
+                  group: str | None = None, name: str = "", tags: tuple[str, ...] = ()
+                  ) -> NullTracker:
+    """Rank 0: the run dir's files, plus W&B with logger=wandb. Every other rank: nothing.
+    fresh: the run started over, so a new W&B run, not a continuation."""
     if not is_main:
         return NullTracker()
     local = LocalTracker(run_dir, cfg.trainer.max_steps)
@@ -170,8 +172,6 @@ def build_tracker(cfg: DictConfig, is_main: bool, run_dir: Path, *, group: str |
         return local
     from dgxtrain.observe.wandb_run import WandbTracker
 
-    # resume=never starts the run over: a new W&B run too, not a continuation.
-    fresh = cfg.checkpoint.resume == "never"
     return TrackerGroup(local, WandbTracker(
         cfg.logger, run_dir, group=group, name=name or run_dir.name,
         tags=redact([*cfg.logger.tags, *tags]), fresh=fresh,
