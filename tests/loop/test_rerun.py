@@ -2,12 +2,16 @@
 environment variable; torchrun --standalone and python -m dgxtrain alike."""
 
 import json
+import logging
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from dgxtrain.errors import ConfigError
+from dgxtrain.loop.run_dir import holding
 from tests.conftest import clean_env, kill_tree
 
 pytestmark = pytest.mark.multiprocess
@@ -75,3 +79,36 @@ def test_a_second_launch_of_a_run_still_going_is_refused(tmp_path):
     # The first run's log holds nothing of the second launch.
     (run_dir,) = (tmp_path / "outputs").iterdir()
     assert (run_dir / "train.log").read_text().count("a new run") == 1
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from dgxtrain.loop.run_dir import holding
+with holding(Path(sys.argv[1]), True):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_lock_names_its_holder_and_a_killed_holder_is_taken_over(tmp_path, caplog):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], env=clean_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        began = time.monotonic()
+        with pytest.raises(ConfigError) as refused, holding(tmp_path, True):
+            pass
+        assert time.monotonic() - began < 1  # at once, not after a timeout
+        assert f"({f'pid {holder.pid} on {socket.gethostname()}'})" in str(refused.value)
+    finally:
+        holder.kill()  # SIGKILL: no chance to let go
+        holder.wait()
+    with caplog.at_level(logging.WARNING), holding(tmp_path, True):
+        pass
+    assert (f"took over from pid {holder.pid} on {socket.gethostname()}, which ended "
+            "without letting go") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), holding(tmp_path, True):  # let go cleanly last time
+        pass
+    assert "took over" not in caplog.text
