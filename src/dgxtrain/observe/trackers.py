@@ -6,6 +6,7 @@ model.pt) and the console progress line; the W&B tracker (wandb_tracker.py) runs
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -104,8 +105,7 @@ class LocalTracker(NullTracker):
     def __init__(self, run_dir: Path, max_steps: int):
         self.run_dir, self.max_steps = run_dir, max_steps
         run_dir.mkdir(parents=True, exist_ok=True)
-        # Line-buffered: a crash leaves every line logged so far readable.
-        self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._metrics = MetricsFile(run_dir / "metrics.jsonl")
 
     def log_config(self, cfg: DictConfig, derived: dict[str, Any]) -> None:
         # cfg is already redacted (see _run): the run dir must hold no secret either.
@@ -113,8 +113,8 @@ class LocalTracker(NullTracker):
         write_json_atomic(self.run_dir / "derived.json", derived)
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(finite({"step": step, **metrics}), allow_nan=False)
-                            + "\n")
+        self._metrics.append(step, json.dumps(finite({"step": step, **metrics}),
+                                              allow_nan=False))
         if "train/loss" in metrics:
             self._progress(step, metrics)
         else:
@@ -144,6 +144,72 @@ class LocalTracker(NullTracker):
         if exit_code == 0:
             write_json_atomic(self.run_dir / "summary.json", summary)
             log.info("summary: %s", json.dumps(summary, sort_keys=True))
+
+
+class MetricsFile:
+    """metrics.jsonl, one whole line per row: each row is one unbuffered write, so a crash
+    leaves every row logged so far; a write the disk cannot take (ENOSPC, EIO, a quota) is
+    cut back to the last whole line and warned of once while it lasts, and training goes
+    on (the console and W&B still get the rows). A line torn by a kill mid-write is removed
+    at the next start, so the first row appended after it is not swallowed by it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        _drop_torn_tail(path)
+        self._f = open(path, "ab", buffering=0)
+        self._whole = self._f.tell()  # bytes up to the end of the last whole line
+        self._lost: list[int] = []  # steps whose rows could not be written, this episode
+
+    def append(self, step: int, line: str) -> None:
+        data = (line + "\n").encode()
+        try:
+            if self._f.write(data) != len(data):  # a short write: the disk filled mid-row
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            self._cut_back()
+            if not self._lost:
+                log.warning("%s: cannot write the row of step %d (%s); training goes on, "
+                            "rows not saved until it can (the log and W&B still get them)",
+                            self.path, step, e.strerror or e)
+            self._lost.append(step)
+            return
+        self._whole += len(data)
+        if self._lost:
+            log.warning("%s: writing again from step %d; the rows of %d log steps (%d..%d) "
+                        "are not in it", self.path, step, len(self._lost), self._lost[0],
+                        self._lost[-1])
+            self._lost = []
+
+    def _cut_back(self) -> None:
+        try:
+            os.ftruncate(self._f.fileno(), self._whole)
+        except OSError as e:  # the start drops what is left, and readers skip it
+            log.debug("could not cut %s back to its last whole line: %s", self.path, e)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut `path` back to its last newline, if a kill left it ending mid-line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "r+b") as f:
+        size = end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            f.seek(start)
+            chunk = f.read(end - start)
+            if end == size and chunk.endswith(b"\n"):
+                return
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            end = start
+        f.truncate(end)
+    log.warning("%s ended in a line cut short (%d bytes, written when the run was killed or "
+                "the disk was full): removed", path, size - end)
 
 
 def logged_rows(run_dir: Path) -> list[dict[str, Any]]:
