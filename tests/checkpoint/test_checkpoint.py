@@ -259,3 +259,24 @@ def test_a_restarted_run_budgets_the_deadline_with_the_measured_save_time(tmp_pa
                         budgets.append(checkpoint_s) or real_poll(self, step_s, checkpoint_s))
     run(tmp_path, "trainer.max_steps=12")
     assert budgets[0] == measured  # not 0 after the restart
+
+
+def test_optimizer_settings_changed_on_resume_are_honoured_or_refused(tmp_path):
+    run(tmp_path, "trainer.max_steps=10")  # AdamW, lr 1e-3, the default weight decay, betas
+    changed = ["optim.lr=0.003", "optim.weight_decay=0.2", "optim.betas=[0.8,0.9]"]
+    s = run(tmp_path, "trainer.max_steps=15", *changed)
+    assert s["resumed_from_step"] == 10
+    lrs = {m["step"]: m["train/lr"] for m in read_metrics(tmp_path) if "train/lr" in m}
+    assert lrs[10] == pytest.approx(1e-3) and lrs[11] == pytest.approx(3e-3)  # main: 1e-3
+    (group,) = torch.load(tmp_path / "checkpoints" / "step-15" / "optim.pt",
+                          weights_only=True)["optimizer"]["param_groups"]
+    assert (group["weight_decay"], tuple(group["betas"])) == (0.2, (0.8, 0.9))
+    saved = torch.load(tmp_path / "checkpoints" / "step-10" / "optim.pt", weights_only=True)
+    assert saved["optimizer"]["state"]  # the moments were carried over, not started afresh
+    log = (tmp_path / "train.log").read_text()
+    assert "resume: optim.weight_decay=0.2 from the config (the checkpoint had 0.0)" in log
+    # Another optimizer cannot take AdamW's state: one line at start (main: KeyError 'momentum'
+    # at the first step, after "resumed from").
+    with pytest.raises(CheckpointError, match=r"has optim._target_=torch.optim.adamw.AdamW, "
+                       r"this run has torch.optim.sgd.SGD .*fix: set optim to the checkpoint's"):
+        run(tmp_path, "trainer.max_steps=20", "optim=sgd", *changed[:1])

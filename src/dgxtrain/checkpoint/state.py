@@ -53,6 +53,47 @@ def _load_on_rank0(chosen: Chosen, model: torch.nn.Module, device: torch.device
             load_file(d / "state.pt", "cpu", files.pop("state.pt")))
 
 
+def _plain(v: Any) -> Any:
+    """A setting as compared: betas are a list in a config, a tuple in a checkpoint."""
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _load_optimizer(d: Path, saved_meta: dict[str, Any], opt: dict[str, Any],
+                    optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """The optimizer's state (moments, step counts) and the schedule's position from the
+    checkpoint; its settings (lr, weight_decay, betas, ...) and the schedule's base LRs from
+    this run's config, which load_state_dict alone would replace with the checkpoint's.
+    Another optimizer class, or other parameter groups, cannot take the state: refused."""
+    kind = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    groups = opt["optimizer"]["param_groups"]
+    settings = [{k: v for k, v in g.items() if k not in ("params", "initial_lr")}
+                for g in optimizer.param_groups]
+    saved_kind = saved_meta.get("optimizer")
+    if (saved_kind or kind) != kind or [set(g) - {"params", "initial_lr"} for g in groups] != [
+            set(g) for g in settings]:
+        raise _refuse(d, "optim._target_", saved_kind or "an optimizer with the settings "
+                      f"{sorted(set(groups[0]) - {'params', 'initial_lr'})}",
+                      f"{kind} (its state cannot be carried over)",
+                      "set optim to the checkpoint's optimizer to continue it")
+    base_lrs = list(scheduler.base_lrs)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    for group, mine, base in zip(optimizer.param_groups, settings, base_lrs, strict=True):
+        for key in sorted(k for k in mine if k != "lr" and _plain(group[k]) != _plain(mine[k])):
+            log.info("resume: optim.%s=%s from the config (the checkpoint had %s)", key,
+                     mine[key], group[key])
+        group.update({k: v for k, v in mine.items() if k != "lr"}, initial_lr=base)
+    if base_lrs != scheduler.base_lrs:
+        log.info("resume: optim.lr=%g from the config (the checkpoint had %g)", base_lrs[0],
+                 scheduler.base_lrs[0])
+    # The schedule at the step it reached, scaled to this run's base LR.
+    scheduler.base_lrs = base_lrs
+    lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, base_lrs)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def restore(chosen: Chosen, env: DistEnv, meta: dict[str, Any], model: torch.nn.Module,
             optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Load the chosen checkpoint into the model, optimizer and schedule; returns state.pt's
@@ -77,8 +118,7 @@ def restore(chosen: Chosen, env: DistEnv, meta: dict[str, Any], model: torch.nn.
     weights, opt = broadcast_tensors(loaded[:2] if loaded else None, env.device)
     state = broadcast_object(loaded[2] if loaded else None)
     model.load_state_dict(weights)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
+    _load_optimizer(d, saved_meta, opt, optimizer, scheduler)
     rng = d / f"rng-rank{env.rank}.pt"
     if rng.is_file():
         set_rng_state(load_file(rng, data=chosen.files.pop(rng.name, None)), env.device)

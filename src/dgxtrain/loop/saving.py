@@ -87,6 +87,7 @@ def checkpoint_meta(job: Job) -> dict[str, Any]:
             "seed": job.cfg.seed, "num_samples": job.task.num_samples,
             "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
             "launch": launch_id(),
+            "optimizer": f"{type(job.optimizer).__module__}.{type(job.optimizer).__qualname__}",
             "dgxtrain_version": __version__, "torch_version": torch.__version__}
 
 
