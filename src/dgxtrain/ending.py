@@ -43,6 +43,9 @@ KEY = "dgxtrain/failure"
 # told by rank 0, and a rank that really failed first has long claimed by the time its
 # peers see their connections close.
 LATER_S = 0.5
+# torchrun's agent is the parent of the ranks it starts, each in a session of its own: an
+# agent killed with SIGKILL signals none of them, and they would train on unattended.
+_AGENT_PID = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,20 @@ class StoreBoard(Board):
         return Failure(**json.loads(self.store.get(KEY)))
 
     def _watch(self) -> None:
+        store_up = True
         while not self._closed.wait(self.poll_s):
+            if _AGENT_PID is not None and os.getppid() != _AGENT_PID:
+                log.error("ending: torchrun's agent (pid %d) is gone, this rank with it",
+                          _AGENT_PID)
+                logging.shutdown()
+                os._exit(EXIT_ERROR)
+            if not store_up:
+                continue
             try:
                 failure = self._claimed()
             except Exception:  # the store's host is gone: the main thread will hear of it
-                return
+                store_up = False
+                continue
             if failure is None or failure.rank == self.rank:
                 continue
             # The main thread may still end on its own (a closed connection): let it.

@@ -17,9 +17,14 @@ process (num_workers=0) the RNG states are put back after each batch, so the tra
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import pickle
 import random
+import select
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -147,11 +152,42 @@ def loader_workers(asked: int | None, device: torch.device) -> int:
     return asked
 
 
+def _end_with(rank_pid: int, worker_id: int) -> None:
+    """worker_init_fn: end this loader worker as soon as its rank (pid `rank_pid`) ends.
+
+    torch's own check in the worker watches the worker's parent, which under forkserver is
+    the forkserver, not the rank; and the forkserver (and the resource tracker) exit only
+    once every worker has closed its pipe to them. A rank that died abruptly (SIGKILL, the
+    hang watchdog's exit, a crash fault) thus left its workers, forkserver and tracker
+    alive for good: torchrun signals the process group of a rank still running only.
+    Here a thread waits on a pidfd of the rank (readable once it has exited, even before
+    it is reaped) and ends the worker, and with the last one the forkserver and tracker."""
+    try:
+        fd = os.pidfd_open(rank_pid)
+    except ProcessLookupError:  # the rank is gone already
+        os._exit(0)
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll once a second
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                while True:
+                    os.kill(rank_pid, 0)
+                    time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="dgxtrain-rank-watch", daemon=True).start()
+
+
 def make_loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int,
                 prefetch_factor: int, persistent_workers: bool, start_method: str,
                 pin_memory: bool, seed_rngs: Sequence[str] = RNGS) -> DataLoader:
     workers = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers,
-               "multiprocessing_context": start_method} if num_workers else {}
+               "multiprocessing_context": start_method,
+               "worker_init_fn": functools.partial(_end_with, os.getpid())} if num_workers else {}
     return DataLoader(SeededItems(dataset, seed_rngs), batch_sampler=batch_sampler,
                       num_workers=num_workers, collate_fn=default_collate,
                       pin_memory=pin_memory, **workers)

@@ -1,0 +1,63 @@
+"""After an abrupt end of a rank or of torchrun, no process of the run is alive 30 s later:
+not a rank, not a loader worker, not a forkserver or resource tracker (issue 22 items 1, 2).
+The process tree is listed from /proc, with 2 loader workers and the default start method."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import children, clean_env, cli_args
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _tree(pid: int) -> list[int]:
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children(p))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("killed", ["ranks", "torchrun"])
+def test_no_process_of_the_run_outlives_a_sigkill(tmp_path, killed):
+    args = cli_args(tmp_path / "run", ["experiment=digits", "data.num_workers=2",
+                                       "trainer.max_steps=100000"], nproc=2)
+    agent = subprocess.Popen(args, env=clean_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        log = tmp_path / "run" / "train.log"
+        deadline = time.monotonic() + 120
+        while not (log.is_file() and "first step done" in log.read_text()):
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        time.sleep(2)  # the eval workers too, and every worker past its start
+        tree = _tree(agent.pid)
+        ranks = children(agent.pid)
+        assert len(ranks) == 2 and len(tree) >= 1 + 2 * 4, tree  # ranks, forkserver, workers
+        for pid in ranks if killed == "ranks" else [agent.pid]:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(30)
+        agent.poll()  # reap torchrun itself
+        left = [p for p in tree if _alive(p)]
+        # Before the fix: each rank's workers, forkserver and tracker (PPID 1), and after a
+        # killed torchrun both ranks training on.
+        assert left == [], [open(f"/proc/{p}/cmdline").read()[:120] for p in left]
+    finally:
+        for p in _tree(agent.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        agent.wait()
