@@ -91,7 +91,19 @@ with holding(Path(sys.argv[1]), True):
 """
 
 
-def test_the_lock_names_its_holder_and_a_killed_holder_is_taken_over(tmp_path, caplog):
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.text = ""
+
+    def emit(self, record):
+        self.text += record.getMessage() + "\n"
+
+
+def test_the_lock_names_its_holder_and_a_killed_holder_is_taken_over(tmp_path):
+    # Its own handler: a train() earlier in the session stops dgxtrain's logs propagating.
+    lines = _Lines()
+    logging.getLogger("dgxtrain.loop.run_dir").addHandler(lines)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], env=clean_env(),
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -104,11 +116,12 @@ def test_the_lock_names_its_holder_and_a_killed_holder_is_taken_over(tmp_path, c
     finally:
         holder.kill()  # SIGKILL: no chance to let go
         holder.wait()
-    with caplog.at_level(logging.WARNING), holding(tmp_path, True):
+    with holding(tmp_path, True):
         pass
     assert (f"took over from pid {holder.pid} on {socket.gethostname()}, which ended "
-            "without letting go") in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING), holding(tmp_path, True):  # let go cleanly last time
+            "without letting go") in lines.text
+    lines.text = ""
+    with holding(tmp_path, True):  # let go cleanly last time
         pass
-    assert "took over" not in caplog.text
+    assert "took over" not in lines.text
+    logging.getLogger("dgxtrain.loop.run_dir").removeHandler(lines)
