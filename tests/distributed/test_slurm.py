@@ -310,9 +310,12 @@ def test_deadline_stops_for_requeue_without_a_signal(tmp_path, reference):
                  ("--time=2", "--signal=B:USR1@5"))
     info = wait_job(tmp_path, jid, timeout=300)
     log = log_of(tmp_path, jid)
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log[-4000:]
-    first = log.split("attempt 1")[0]
-    assert "for a requeue: deadline" in first and "got SIGUSR1" not in first
+    # On a loaded machine the second attempt's 20 s may not cover the rest either: each
+    # attempt that stops must have stopped for the deadline, never for the signal.
+    restarts = int(info["Restarts"])
+    assert info["JobState"] == "COMPLETED" and restarts >= 1, log[-4000:]
+    assert log.count("for a requeue: deadline") == restarts, log[-4000:]
+    assert "got SIGUSR1" not in log
     s = summary(tmp_path / f"slurm-{jid}")
     assert 0 < s["resumed_from_step"] < 200
     assert s["param_sha256"] == summary(reference)["param_sha256"]
