@@ -98,6 +98,48 @@ def test_sigusr1_to_one_process_checkpoints_and_exits_75(tmp_path):
     assert not (run_dir / "summary.json").exists()  # not the end of the run
 
 
+@pytest.mark.multiprocess
+def test_ctrl_c_to_one_process_saves_the_step_in_progress_then_a_second_aborts(tmp_path):
+    # The terminal's SIGINT reaches the trainer and its loader workers alike: the workers
+    # must live on for the step in progress. Before: KeyboardInterrupt, nothing saved.
+    over = ["experiment=digits", "data.num_workers=2", "trainer.max_steps=120",
+            "trainer.log_every=5", "trainer.eval_every=1000", "checkpoint.every_steps=1000"]
+    straight = run_ok(tmp_path / "straight", over)
+    run_dir = tmp_path / "stopped"
+    with _started(cli_args(run_dir, [*over, "fault.step_delay_s=0.05"]), run_dir) as p:
+        os.killpg(p.pid, signal.SIGINT)
+        out = p.communicate(timeout=60)[0]
+    assert p.returncode == EXIT_REQUEUE, out[-3000:]
+    m = re.search(r"stopping after step (\d+) for Ctrl-C \(asked during step (\d+)\): saving "
+                  r"it; Ctrl-C again aborts at once", out)
+    assert m, out[-3000:]
+    stopped, asked = int(m.group(1)), int(m.group(2))
+    assert 0 < stopped < 120 and stopped - asked in (0, 1)
+    assert [d.name for d in (run_dir / "checkpoints").iterdir()] == [f"step-{stopped}"]
+    assert (f"stopped after step {stopped} with a checkpoint (signal SIGINT); run the same "
+            "command again to continue from there") in out
+    assert json.loads((run_dir / "control" / "exit.json").read_text())["status"] == (
+        "interrupted")
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    resumed = run_ok(run_dir, over)
+    assert resumed["resumed_from_step"] == stopped
+    assert resumed["param_sha256"] == straight["param_sha256"]
+
+    # Two Ctrl-C in a row: the second one does not wait for the save. Steps of 1 s leave
+    # the stop to come after 1 or 2 s. (Two signals within the same few bytecodes would
+    # be taken for one, as for any Python handler: the second 0.3 s after the first.)
+    aborted = tmp_path / "aborted"
+    with _started(cli_args(aborted, [*over, "fault.step_delay_s=1"]), aborted) as p:
+        os.killpg(p.pid, signal.SIGINT)
+        time.sleep(0.3)
+        os.killpg(p.pid, signal.SIGINT)
+        out = p.communicate(timeout=60)[0]
+    assert p.returncode == 130, out[-3000:]
+    assert "SIGINT after Ctrl-C: aborted at once, the step in progress not saved" in out
+    assert not (aborted / "checkpoints").exists() or not any(
+        (aborted / "checkpoints").glob("step-*"))
+
+
 def test_a_grace_shorter_than_the_last_save_is_said_with_both_times(tmp_path, monkeypatch,
                                                                      caplog):
     # Under torchrun, which kills its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT after SIGTERM.
@@ -155,29 +197,40 @@ def test_the_vote_stops_every_rank_after_the_same_step(tmp_path):
                         "nobody": None}
 
 
+def _started(args: list[str], run_dir: Path, **env: str) -> subprocess.Popen:
+    """The run in a session of its own, as a terminal's foreground job is, some steps in."""
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env=clean_env(DGXTRAIN_CONTROL_DIR=str(run_dir / "control"), **env),
+                         text=True, start_new_session=True)
+    end = time.monotonic() + 60
+    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < end:
+        time.sleep(0.2)
+    time.sleep(1.0)  # some steps in
+    return p
+
+
 @pytest.mark.multiprocess
-def test_sigterm_to_torchrun_saves_the_step_in_progress_and_the_rerun_matches(tmp_path):
-    # As a preemption does it (SLURM signals the step's task, torchrun passes it on), or
-    # `kill` of a local run. Each rank gets SIGTERM: they stop after the step they were in.
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_sigterm_or_ctrl_c_to_torchrun_saves_the_step_in_progress_and_the_rerun_matches(
+        tmp_path, sig):
+    # SIGTERM as a preemption sends it (SLURM signals the step's task, torchrun passes it on),
+    # or `kill` of a local run: each rank stops after the step it was in. Ctrl-C: the
+    # terminal signals torchrun's process group, which holds the agent alone (each rank has
+    # a session of its own); the agent passes SIGINT on to the ranks.
     straight = run_ok(tmp_path / "straight", SMALL, nproc=2)
     run_dir = tmp_path / "stopped"
-    args = cli_args(run_dir, [*SMALL, "fault.step_delay_s=0.05"], nproc=2)
-    with subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          env=clean_env(DGXTRAIN_CONTROL_DIR=str(run_dir / "control")),
-                          text=True) as p:
-        end = time.monotonic() + 60
-        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < end:
-            time.sleep(0.2)
-        time.sleep(1.0)  # some steps in
-        p.send_signal(signal.SIGTERM)
+    with _started(cli_args(run_dir, [*SMALL, "fault.step_delay_s=0.05"], nproc=2),
+                  run_dir) as p:
+        os.killpg(p.pid, signal.Signals[f"SIG{sig}"])
         out = p.communicate(timeout=60)[0]
-    m = re.search(r"rank0.*stopping after step (\d+) for a requeue: signal SIGTERM \(asked "
-                  r"during step (\d+)\)", out)
+    why = "for a requeue: signal SIGTERM" if sig == "TERM" else "for Ctrl-C"
+    m = re.search(rf"rank0.*stopping after step (\d+) {why} \(asked during step (\d+)\)", out)
     assert m, out[-3000:]
     stopped, asked = int(m.group(1)), int(m.group(2))
     assert 0 < stopped < 120 and stopped - asked in (0, 1), out[-3000:]
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step-{stopped}"]
-    assert json.loads((run_dir / "control" / "exit.json").read_text())["status"] == "requeue"
+    status = json.loads((run_dir / "control" / "exit.json").read_text())["status"]
+    assert status == ("requeue" if sig == "TERM" else "interrupted")
     assert re.search(r"the checkpoint for the requeue took [\d.]+ s; saved [\d.]+ s after "
                      r"the signal", out)
     assert not (run_dir / "stacks").exists()  # nothing hung: the stack dump is dropped

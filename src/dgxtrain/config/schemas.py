@@ -138,7 +138,8 @@ class PreemptionConfig(Checked):
     section: ClassVar[str] = "preemption"
     signals: list[str] = field(default_factory=lambda: ["USR1", "USR2", "TERM"])
     """Signals that ask the run to checkpoint after the step in progress (or the next) and
-    exit for requeue (75). TERM is how SLURM preempts and torchrun stops its workers."""
+    exit for requeue (75). TERM is how SLURM preempts and torchrun stops its workers.
+    Ctrl-C (INT) is always handled, apart: saved the same way, exit 75, not requeued."""
     deadline_margin_s: float = 120.0
     """Stop for requeue when the job's end time (DGXTRAIN_JOB_END_TIME, set by the batch
     script) is nearer than two steps + one checkpoint (both measured) + this margin."""
@@ -152,6 +153,8 @@ class PreemptionConfig(Checked):
                          "list names without SIG, e.g. preemption.signals=[USR1,USR2]")
             self.require("signals", name not in ("KILL", "STOP"), f"SIG{name} cannot be "
                          "caught", "use USR1, USR2 or TERM")
+            self.require("signals", name != "INT", "SIGINT is Ctrl-C, always handled: "
+                         "saved, then not requeued", "remove INT from preemption.signals")
         self.not_negative("deadline_margin_s")
         self.positive("poll_s")
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import multiprocessing.context as mpc
 import os
 import pickle
 import random
 import select
+import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -161,7 +163,11 @@ def _end_with(rank_pid: int, worker_id: int) -> None:
     hang watchdog's exit, a crash fault) thus left its workers, forkserver and tracker
     alive for good: torchrun signals the process group of a rank still running only.
     Here a thread waits on a pidfd of the rank (readable once it has exited, even before
-    it is reaped) and ends the worker, and with the last one the forkserver and tracker."""
+    it is reaped) and ends the worker, and with the last one the forkserver and tracker.
+
+    Ctrl-C is ignored here too (see _SigintBlocked), for a forkserver that was started
+    before ours, without SIGINT blocked."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         fd = os.pidfd_open(rank_pid)
     except ProcessLookupError:  # the rank is gone already
@@ -182,11 +188,57 @@ def _end_with(rank_pid: int, worker_id: int) -> None:
     threading.Thread(target=watch, name="dgxtrain-rank-watch", daemon=True).start()
 
 
+class _SigintBlocked:
+    """A loader worker's process, started with SIGINT blocked.
+
+    The terminal sends Ctrl-C to the rank and its loader workers alike, and a worker ends
+    on it (torch's worker loop returns on KeyboardInterrupt); the rank, which saves before it
+    stops (distributed/preempt.py), then fails for want of its batches. The blocked signal
+    is inherited by the worker, and by the forkserver, hence by the workers it forks, from
+    their very start: worker_init_fn would come after a start that can take seconds."""
+
+    def start(self) -> None:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()  # type: ignore[misc]
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+# At module level: spawn and forkserver pickle the process object, its class by name.
+class _Fork(_SigintBlocked, mpc.ForkProcess):
+    pass
+
+
+class _Spawn(_SigintBlocked, mpc.SpawnProcess):
+    pass
+
+
+class _ForkServer(_SigintBlocked, mpc.ForkServerProcess):
+    pass
+
+
+class _ForkContext(mpc.ForkContext):
+    Process = _Fork
+
+
+class _SpawnContext(mpc.SpawnContext):
+    Process = _Spawn
+
+
+class _ForkServerContext(mpc.ForkServerContext):
+    Process = _ForkServer
+
+
+_CONTEXTS = {"fork": _ForkContext(), "spawn": _SpawnContext(),
+             "forkserver": _ForkServerContext()}
+
+
 def make_loader(dataset: Dataset, batch_sampler: Any, *, num_workers: int,
                 prefetch_factor: int, persistent_workers: bool, start_method: str,
                 pin_memory: bool, seed_rngs: Sequence[str] = RNGS) -> DataLoader:
     workers = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers,
-               "multiprocessing_context": start_method,
+               "multiprocessing_context": _CONTEXTS[start_method],
                "worker_init_fn": functools.partial(_end_with, os.getpid())} if num_workers else {}
     return DataLoader(SeededItems(dataset, seed_rngs), batch_sampler=batch_sampler,
                       num_workers=num_workers, collate_fn=default_collate,

@@ -7,6 +7,10 @@ out with it; torchrun passes it on to its workers) reaches every rank: the stop 
 step it arrived in. The stop file is the way for a notice that reaches the batch shell only
 (the warning signal before the time limit): the shell writes <control dir>/stop, rank 0
 sees it within `poll_s`, and the others follow one step later.
+
+Ctrl-C (SIGINT) is a stop too, always handled: the step in progress is saved the same way
+and the run exits 75, but the batch script is told "interrupted" and does not requeue. A
+second Ctrl-C (or the SIGTERM that torchrun sends on the second one) aborts at once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dgxtrain.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL, "try again later": checkpoint written, requeue to continue
+EXIT_ABORTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 
 
 class Requeue(Exception):
@@ -74,7 +79,9 @@ class StopRequests:
 
     def __init__(self, signals: list[str], stop_file: Path, end_time: float | None,
                  margin_s: float, poll_s: float, leader: bool):
-        self.signals = [signal.Signals[f"SIG{name}"] for name in signals]
+        # Ctrl-C always: without it KeyboardInterrupt ends the ranks wherever they are.
+        self.signals = list(dict.fromkeys(
+            [signal.Signals[f"SIG{name}"] for name in signals] + [signal.SIGINT]))
         # Only rank 0 reads the file system and the clock: the all-reduce shares its answer.
         self.stop_file, self.end_time = (stop_file, end_time) if leader else (None, None)
         self.leader = leader
@@ -94,11 +101,28 @@ class StopRequests:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    @property
+    def interrupted(self) -> bool:
+        """The stop is the user's Ctrl-C: saved like a requeue, but not to be requeued."""
+        return self.fired == signal.SIGINT
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.interrupted and signum in (signal.SIGINT, signal.SIGTERM):
+            self._abort(signal.Signals(signum).name)
         # Async-signal context: record only. The loop acts at the next step boundary.
         if not self.reason:
             self.reason, self.fired = f"signal {signal.Signals(signum).name}", signum
             self.fired_at = time.time()
+
+    def _abort(self, name: str) -> None:
+        """A second Ctrl-C: the user does not want to wait for the save. Under torchrun it
+        comes as SIGTERM: the agent, interrupted while it waits for its workers, shuts them
+        down with it. A checkpoint is written to a temporary dir and renamed when complete,
+        so one cut short here is never taken for one."""
+        if self.leader:
+            log.warning("%s after Ctrl-C: aborted at once, the step in progress not saved; "
+                        "the newest complete checkpoint is kept", name)
+        os._exit(EXIT_ABORTED)
 
     def kill_in(self, env: Mapping[str, str] = os.environ) -> tuple[float, str] | None:
         """After the signal that fired: the seconds left before the processes are killed,
@@ -112,7 +136,8 @@ class StopRequests:
         if end is not None:
             limits.append((end - now, "the SLURM job's end time: its time limit, or the "
                                       "grace after a preemption"))
-        if env.get("TORCHELASTIC_RUN_ID") and self.fired == signal.SIGTERM:
+        # torchrun passes its own SIGTERM or SIGINT on, and kills after the timeout.
+        if env.get("TORCHELASTIC_RUN_ID") and self.fired in (signal.SIGTERM, signal.SIGINT):
             timeout = float(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 30))
             limits.append((self.fired_at + timeout - now, "torchrun's shutdown timeout, "
                            f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={timeout:g}"))
@@ -141,9 +166,12 @@ class StopRequests:
         """Now that the checkpoint is written, pass the stop on to a handler that was there
         before ours: under hydra-submitit-launcher, submitit's SIGUSR2 handler, which requeues
         the job (on rank 0) and exits. The signal that fired, else (a deadline, the stop file)
-        the first of ours with such a handler."""
+        the first of ours with such a handler. Not after Ctrl-C: Python's own SIGINT
+        handler raises KeyboardInterrupt, submitit's would requeue what the user stopped."""
+        if self.interrupted:
+            return
         order = [self.fired] if self.fired is not None else []
-        for sig in order + [s for s in self._previous if s != self.fired]:
+        for sig in order + [s for s in self._previous if s not in (self.fired, signal.SIGINT)]:
             outer = self._previous.get(sig)
             if callable(outer):
                 log.info("handing %s on to %s", signal.Signals(sig).name,

@@ -67,10 +67,14 @@ class Stopping:
         if not stop or not state.running:
             return
         reason = self.requests.reason
-        # A rank that asked says why; the others follow quietly.
-        (log.warning if reason else log.info)(
-            "stopping after step %d for a requeue: %s", state.step,
-            f"{reason} (asked during step {self.asked_at})" if reason else "another rank asked")
+        if self.requests.interrupted:
+            log.warning("stopping after step %d for Ctrl-C (asked during step %d): saving it; "
+                        "Ctrl-C again aborts at once without saving", state.step, self.asked_at)
+        else:  # a rank that asked says why; the others follow quietly
+            (log.warning if reason else log.info)(
+                "stopping after step %d for a requeue: %s", state.step,
+                f"{reason} (asked during step {self.asked_at})" if reason else
+                "another rank asked")
         state.stop_reason = StopReason.REQUEUE
         self.requests.warn_if_grace_is_short(state.checkpoint_s)
 
@@ -94,10 +98,12 @@ class Stopping:
         if state.stop_reason is not StopReason.REQUEUE:
             return
         why = self.requests.reason or "another rank asked"
-        self._exit = Requeue(f"stopped after step {state.step} with a checkpoint ({why}); "
-                             "requeue the job to continue from there")
-        if self.env.is_main:
-            report_exit("requeue", detail=str(self._exit))
+        then = ("run the same command again to continue from there" if
+                self.requests.interrupted else "requeue the job to continue from there")
+        self._exit = Requeue(f"stopped after step {state.step} with a checkpoint ({why}); {then}")
+        if self.env.is_main:  # a Ctrl-C is the user's stop: the batch script does not requeue
+            report_exit("interrupted" if self.requests.interrupted else "requeue",
+                        detail=str(self._exit))
         all_agree(True, self.env.device)
 
     def exit_for_requeue(self) -> None:
