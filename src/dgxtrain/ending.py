@@ -74,7 +74,8 @@ def failure_of(e: BaseException, rank: int = 0) -> Failure | None:
     from dgxtrain.checkpoint import CheckpointError
     from dgxtrain.distributed.preempt import Requeue
 
-    # Ctrl-C is the user's own stop, not a failure to tell (issue 22 makes it a graceful one).
+    # Ctrl-C before the stop handlers are in place (preempt.StopRequests) is the user's own
+    # stop, not a failure to tell.
     if isinstance(e, (Requeue, SystemExit, Reported, KeyboardInterrupt)):
         return None
     if isinstance(e, CheckpointError):
