@@ -68,11 +68,11 @@ def job(jid: str) -> dict[str, str]:
 
 
 def submit(out: Path, overrides: list[str], sbatch_args: tuple[str, ...] = (),
-           **env: str) -> str:
+           base: list[str] = BASE, **env: str) -> str:
     """sbatch slurm/train.sbatch from the repo root, run dirs and log under `out`."""
     p = subprocess.run(
         ["sbatch", "--parsable", "--time=10", f"--output={out}/slurm-%j.out", *sbatch_args,
-         "slurm/train.sbatch", *BASE, *overrides],
+         "slurm/train.sbatch", *base, *overrides],
         cwd=ROOT, env=slurm_env(DGXTRAIN_OUTPUT_ROOT=str(out), **env), capture_output=True,
         text=True, timeout=60)
     assert p.returncode == 0, p.stderr
@@ -340,6 +340,26 @@ def test_failure_is_retried_once_and_resumes(tmp_path, reference):
     s = summary(tmp_path / f"slurm-{jid}")
     assert s["resumed_from_step"] == 50
     assert s["param_sha256"] == summary(reference)["param_sha256"]
+
+
+def test_attempts_without_progress_end_the_job_instead_of_requeueing(tmp_path):
+    # Each attempt fails in its first steps (rank 0's 21st item raises), before any
+    # checkpoint, and failures may be retried 5 times: without the limit the job would
+    # requeue 5 times for nothing, and a job whose time never covers its start-up for ever.
+    numbers = "tests.faulty_data.Numbers"
+    task = ["logger=none", "data=dataset", f"data.train={{_target_:{numbers}}}",
+            f"data.eval={{_target_:{numbers},size:64}}", "model=linear", "model.in_dim=4",
+            "loss=mse", "trainer.global_batch_size=32", "trainer.max_steps=40",
+            "checkpoint.every_steps=1000", "data.num_workers=0"]
+    jid = submit(tmp_path, ["+data.train.fail_rank=0", "+data.train.fail_after=20",
+                            "preemption.max_idle_requeues=2"], base=task,
+                 DGXTRAIN_MAX_FAILURES="5")
+    info = wait_job(tmp_path, jid)
+    log = log_of(tmp_path, jid)
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "1"), log[-4000:]
+    assert ("not requeued (failure 2 of 5 allowed, exit 1): no progress in 2 attempts in a "
+            "row, the newest checkpoint is still step 0 (preemption.max_idle_requeues=2)"
+            ) in log, log[-4000:]
 
 
 def test_config_error_is_never_retried(tmp_path):

@@ -145,6 +145,10 @@ class PreemptionConfig(Checked):
     script) is nearer than two steps + one checkpoint (both measured) + this margin."""
     poll_s: float = 1.0
     """How often rank 0 looks at the stop file and the clock."""
+    max_idle_requeues: int = 3
+    """slurm/train.sbatch ends the job, instead of requeueing it, once this many attempts in
+    a row ended without a newer checkpoint (a start-up longer than an attempt's time, say);
+    0 = never."""
 
     def __post_init__(self) -> None:
         for name in self.signals:
@@ -155,7 +159,7 @@ class PreemptionConfig(Checked):
                          "caught", "use USR1, USR2 or TERM")
             self.require("signals", name != "INT", "SIGINT is Ctrl-C, always handled: "
                          "saved, then not requeued", "remove INT from preemption.signals")
-        self.not_negative("deadline_margin_s")
+        self.not_negative("deadline_margin_s", "max_idle_requeues")
         self.positive("poll_s")
 
 

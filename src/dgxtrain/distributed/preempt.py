@@ -74,6 +74,15 @@ def report_exit(status: str, **info: Any) -> None:
     write_json_atomic(Path(directory) / "exit.json", {"status": status, **info})
 
 
+def share_limit(name: str, value: int) -> None:
+    """A setting the batch shell needs after the workers have ended (a requeue limit), in
+    the control dir where it asked for one. Rank 0 only."""
+    directory = os.environ.get("DGXTRAIN_CONTROL_DIR")
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / name).write_text(f"{value}\n")
+
+
 class StopRequests:
     """Why this rank wants to stop early, if it does: polled once per step, cheaply."""
 

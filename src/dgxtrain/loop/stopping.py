@@ -19,6 +19,7 @@ from dgxtrain.distributed.preempt import (
     control_dir,
     job_end_time,
     report_exit,
+    share_limit,
 )
 from dgxtrain.loop.state import StopReason, TrainState
 from dgxtrain.loop.step import StepOutput
@@ -40,6 +41,8 @@ class Stopping:
         # For the deadline: recent step times, the attempt's first (compiling) one left out.
         self.step_times: deque[float] = deque(maxlen=20)
         self._exit: Requeue | None = None
+        if env.is_main:  # early: an attempt killed in its start-up still counts as idle
+            share_limit("max_idle_requeues", p.max_idle_requeues)
 
     def __enter__(self) -> Stopping:
         self.requests.__enter__()
