@@ -33,10 +33,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("killed", ["ranks", "torchrun"])
+@pytest.mark.parametrize("killed", ["ranks", "torchrun", "watchdog"])
 def test_no_process_of_the_run_outlives_a_sigkill(tmp_path, killed):
+    # watchdog: rank 1 hangs at step 30, its watchdog ends it after dist.timeout_s, torchrun
+    # restarts both ranks (an elastic restart): the first ones' processes must all be gone.
+    hang = (["fault.hang_at_step=30", "fault.rank=1", "dist.timeout_s=5",
+             "fault.step_delay_s=0.1"] if killed == "watchdog" else [])
     args = cli_args(tmp_path / "run", ["experiment=digits", "data.num_workers=2",
-                                       "trainer.max_steps=100000"], nproc=2)
+                                       "trainer.max_steps=100000", *hang], nproc=2,
+                    torchrun_args=("--max-restarts=1",) if hang else ())
     agent = subprocess.Popen(args, env=clean_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
@@ -49,8 +54,15 @@ def test_no_process_of_the_run_outlives_a_sigkill(tmp_path, killed):
         tree = _tree(agent.pid)
         ranks = children(agent.pid)
         assert len(ranks) == 2 and len(tree) >= 1 + 2 * 4, tree  # ranks, forkserver, workers
-        for pid in ranks if killed == "ranks" else [agent.pid]:
-            os.kill(pid, signal.SIGKILL)
+        if hang:
+            end = time.monotonic() + 60
+            while set(children(agent.pid)) & set(ranks) or len(children(agent.pid)) < 2:
+                assert agent.poll() is None and time.monotonic() < end, "no restart"
+                time.sleep(0.5)
+            tree.remove(agent.pid)  # torchrun lives on, with the new ranks
+        else:
+            for pid in ranks if killed == "ranks" else [agent.pid]:
+                os.kill(pid, signal.SIGKILL)
         end = time.monotonic() + 30
         while (left := [p for p in tree if _alive(p)]) and time.monotonic() < end:
             agent.poll()  # reap torchrun itself
