@@ -79,6 +79,18 @@ def test_deadline_counts_a_step_a_checkpoint_and_the_margin(tmp_path):
         assert s.poll(step_s=1.0, checkpoint_s=40.0) == ""  # rank 0 decides
 
 
+def _started(args: list[str], run_dir: Path, **env: str) -> subprocess.Popen:
+    """The run in a session of its own, as a terminal's foreground job is, some steps in."""
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env=clean_env(DGXTRAIN_CONTROL_DIR=str(run_dir / "control"), **env),
+                         text=True, start_new_session=True)
+    end = time.monotonic() + 60
+    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < end:
+        time.sleep(0.2)
+    time.sleep(1.0)  # some steps in
+    return p
+
+
 @pytest.mark.multiprocess
 def test_sigusr1_to_one_process_checkpoints_and_exits_75(tmp_path):
     # The signal straight to the trainer, no launcher: its own exit status says requeue.
@@ -195,18 +207,6 @@ def test_the_vote_stops_every_rank_after_the_same_step(tmp_path):
     # the step before is read.
     assert stops[0] == {"every rank": 3, "rank 0 only": 4, "one step apart": 4,
                         "nobody": None}
-
-
-def _started(args: list[str], run_dir: Path, **env: str) -> subprocess.Popen:
-    """The run in a session of its own, as a terminal's foreground job is, some steps in."""
-    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         env=clean_env(DGXTRAIN_CONTROL_DIR=str(run_dir / "control"), **env),
-                         text=True, start_new_session=True)
-    end = time.monotonic() + 60
-    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < end:
-        time.sleep(0.2)
-    time.sleep(1.0)  # some steps in
-    return p
 
 
 @pytest.mark.multiprocess

@@ -61,26 +61,27 @@ def job_end_time(ask_slurm: bool, env: Mapping[str, str] = os.environ) -> float 
     return None
 
 
-def report_exit(status: str, **info: Any) -> None:
-    """Tell the batch shell how the run ended (done, requeue, or a failure not worth retrying).
-
-    Written by rank 0 only where the batch script asked for it (DGXTRAIN_CONTROL_DIR), since
-    torchrun turns every worker failure into its own exit status 1.
-    """
+def _control_file(name: str) -> Path | None:
+    """<control dir>/name where the batch script asked for a control dir (it reads the file
+    after the workers have ended), else None. Rank 0 alone writes there."""
     directory = os.environ.get("DGXTRAIN_CONTROL_DIR")
     if not directory:
-        return
+        return None
     Path(directory).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(directory) / "exit.json", {"status": status, **info})
+    return Path(directory) / name
+
+
+def report_exit(status: str, **info: Any) -> None:
+    """Tell the batch shell how the run ended (done, requeue, or a failure not worth retrying),
+    since torchrun turns every worker failure into its own exit status 1."""
+    if (path := _control_file("exit.json")) is not None:
+        write_json_atomic(path, {"status": status, **info})
 
 
 def share_limit(name: str, value: int) -> None:
-    """A setting the batch shell needs after the workers have ended (a requeue limit), in
-    the control dir where it asked for one. Rank 0 only."""
-    directory = os.environ.get("DGXTRAIN_CONTROL_DIR")
-    if directory:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / name).write_text(f"{value}\n")
+    """A setting the batch shell needs once the workers have ended (a requeue limit)."""
+    if (path := _control_file(name)) is not None:
+        path.write_text(f"{value}\n")
 
 
 class StopRequests:
