@@ -1,11 +1,11 @@
-"""Checkpoints that survive anything: store.py writes, verifies, chooses and prunes them on
-storage; state.py says what goes in and restores it."""
+"""Checkpoints that survive anything: store.py writes, verifies, finds and prunes them on
+storage; choice.py picks the one to resume from; state.py says what goes in and restores it."""
 
+from dgxtrain.checkpoint.choice import choose
 from dgxtrain.checkpoint.state import contents, restore
 from dgxtrain.checkpoint.store import (
                                        CheckpointError,
                                        Chosen,
-                                       choose,
                                        find_latest,
                                        finish_pruning,
                                        load_file,

@@ -1,6 +1,6 @@
 """What dgxtrain puts in a checkpoint, and takes back out: the unwrapped model, the optimizer
 and LR schedule, the loop's and the tracker's state, each rank's RNG state. A resume loads
-on rank 0 from the bytes store.choose() read, and broadcasts to the other ranks."""
+on rank 0 from the bytes choice.choose() read, and broadcasts to the other ranks."""
 
 from __future__ import annotations
 
